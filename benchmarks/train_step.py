@@ -1,0 +1,126 @@
+"""Throughput and MFU of the jitted train step on synthetic tokens.
+
+  python benchmarks/train_step.py --preset=maxtext_cpu          # the CPU peer comparison
+  python benchmarks/train_step.py --preset=llm_1b --attention=cudnn   # on a GPU
+
+MFU = model FLOPs per step (mm15_jax/train/flops.py) / (step time x peak), with the peak
+both from the data sheet and from a large matmul measured in the same run.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mm15_jax import configs
+from mm15_jax import sharding as shd
+from mm15_jax.train import flops as flops_lib
+from mm15_jax.train import state as state_lib
+from mm15_jax.train import step as step_lib
+
+PRESETS = {
+    # MaxText's CPU reference point: llama-style, 4 layers, d 256, 4 heads, MLP 1024,
+    # vocab 32000, sequence 512, batch 8, fp32, text only.
+    "maxtext_cpu": dict(layers=4, d=256, heads=4, kv=4, mlp=1024, vocab=32000, seq=512, batch=8,
+                        dtype="float32", remat="none", tiles=0),
+    # The MM1.5-1B decoder, bf16, text only.
+    "llm_1b": dict(size="1b", vocab=32768, seq=4096, batch=8, dtype="bfloat16", remat="full", tiles=0),
+    # The MM1.5-1B multimodal model: 4096 tokens with 4 x 144 image tokens (378 px tiles).
+    "mm15_1b": dict(size="1b", vit="H/14", vocab=32768, seq=4096, batch=4, dtype="bfloat16",
+                    remat="full", tiles=4),
+}
+
+
+def make_config(preset: dict, attention: str, remat: str | None):
+  c = configs.base()
+  if "size" in preset:
+    c.model = configs.model_config(preset["size"], preset.get("vit", "tiny"), 378 if "vit" in preset else 32,
+                                   preset["vocab"])
+  else:
+    llm = c.model.llm
+    llm.n_layers, llm.d_model, llm.n_heads, llm.n_kv_heads = preset["layers"], preset["d"], preset["heads"], preset["kv"]
+    llm.head_dim, llm.mlp_dim, llm.vocab_size = preset["d"] // preset["heads"], preset["mlp"], preset["vocab"]
+  c.model.dtype = preset["dtype"]
+  c.model.remat = remat or preset["remat"]
+  c.model.attention_impl = attention
+  c.data.seq_len = preset["seq"]
+  c.data.max_tiles = preset["tiles"]
+  c.train.batch_size = preset["batch"]
+  c.train.steps = 1000
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1)
+  return c
+
+
+def synthetic_batch(config, rng):
+  b, l = config.train.batch_size, config.data.seq_len
+  t, s, k = config.data.max_tiles, config.model.vit.image_size, config.model.connector.tokens_per_tile
+  tokens = rng.integers(4, config.model.llm.vocab_size, size=(b, l), dtype=np.int32)
+  positions = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()
+  image_pos = np.broadcast_to(1 + np.arange(t * k, dtype=np.int32), (b, t * k)).copy()
+  return dict(
+      tokens=tokens, targets=np.roll(tokens, -1, axis=1), loss_mask=np.ones((b, l), np.float32),
+      segment_ids=np.ones((b, l), np.int32), positions=positions,
+      images=rng.normal(size=(b, t, s, s, 3)).astype(np.float32), image_token_positions=image_pos)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--preset", default="maxtext_cpu", choices=sorted(PRESETS))
+  parser.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
+  parser.add_argument("--remat", default=None, choices=[None, "none", "full", "dots"])
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--batch", type=int, default=0)
+  args = parser.parse_args()
+
+  preset = dict(PRESETS[args.preset])
+  if args.batch:
+    preset["batch"] = args.batch
+  config = make_config(preset, args.attention, args.remat)
+  mesh = shd.make_mesh(config.mesh)
+  setup = state_lib.make_setup(config, mesh)
+  state = state_lib.init_state(setup)
+  host = synthetic_batch(config, np.random.default_rng(0))
+  batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in host.items()}
+  step = step_lib.jit_train_step(setup)
+
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  for _ in range(2):  # warm-up
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - t0) / args.steps
+
+  counts = flops_lib.param_counts(setup.abstract_params)
+  step_flops = flops_lib.flops_per_step(config, counts)
+  n_dev = jax.device_count()
+  on_cpu = jax.default_backend() == "cpu"
+  big = 2048 if on_cpu else 8192
+  mm_dtype = jnp.float32 if config.model.dtype == "float32" else jnp.bfloat16
+  measured_peak = flops_lib.measured_matmul_flops(big, mm_dtype, repeats=3 if on_cpu else 20)
+  sheet_peak = 0.0 if on_cpu else flops_lib.peak_flops_per_device()
+  tokens = config.train.batch_size * config.data.seq_len
+  result = dict(
+      preset=args.preset, device=jax.devices()[0].device_kind, devices=n_dev, backend=jax.default_backend(),
+      attention=args.attention, remat=config.model.remat, dtype=config.model.dtype,
+      params=counts["total"], batch=config.train.batch_size, seq=config.data.seq_len,
+      step_s=seconds, tokens_per_s=tokens / seconds, compile_s=compile_s,
+      model_tflops_per_s=step_flops / seconds / 1e12,
+      matmul_peak_tflops=measured_peak / 1e12,
+      mfu_vs_measured_matmul=step_flops / seconds / (measured_peak * (1 if on_cpu else n_dev)),
+      mfu_vs_datasheet=(step_flops / seconds / (sheet_peak * n_dev)) if sheet_peak else None,
+      loss=float(metrics["loss"]),
+  )
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,125 @@
+"""A small SentencePiece tokenizer that the project builds from its own text (no download).
+
+Trained on the built-in dataset's questions and answers (shapes.corpus), the chat
+template's words and the digits. BPE, one thread, no sampling: the same settings give the
+same model bytes, so the model is cached under a hash of its settings. Byte fallback
+makes any text encodable (unknown characters become UTF-8 byte pieces, never <unk>);
+split_digits makes "[123, 45]" one piece per digit, so coordinates tokenise predictably.
+"""
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+
+import sentencepiece as spm
+
+from data_pipelines import sequence
+from data_pipelines import shapes
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+IMAGE_TOKEN = "<image>"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "mm15_jax", "tokenizer")
+
+# Bump when the corpus or the settings change meaning without changing the text below.
+_BUILD_VERSION = 1
+_TRAINER_ARGS = dict(
+    model_type="bpe",
+    pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+    user_defined_symbols=[IMAGE_TOKEN],
+    split_digits=True,
+    byte_fallback=True,
+    character_coverage=1.0,
+    # Determinism: one thread, every sentence, in order.
+    num_threads=1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    hard_vocab_limit=True,
+    minloglevel=2,
+)
+
+
+class Tokenizer:
+  """encode/decode plus the special ids the sequence builder needs; picklable (grain workers)."""
+
+  def __init__(self, model_proto: bytes):
+    self.model_proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
+    self.image_id = self._sp.piece_to_id(IMAGE_TOKEN)
+    self.vocab_size = self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids) -> str:
+    """pad/bos/eos decode to nothing; <image> to its text."""
+    return self._sp.decode([int(i) for i in ids])
+
+  def __getstate__(self):
+    return {"model_proto": self.model_proto}
+
+  def __setstate__(self, state):
+    self.__init__(state["model_proto"])
+
+
+def corpus() -> list[str]:
+  return shapes.corpus() + [sequence.USER, sequence.ASSISTANT, " ".join("0123456789")]
+
+
+def _train(vocab_size: int, lines: list[str]) -> bytes:
+  out = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
+                                   **_TRAINER_ARGS)
+  except RuntimeError as e:
+    if "Vocabulary size too high" in str(e):
+      raise ValueError(f"the built-in tokenizer cannot have vocab_size={vocab_size}: its corpus (the shapes "
+                       f"dataset's text) supports fewer pieces ({e}). Set config.model.llm.vocab_size to that "
+                       "value or less (e.g. 512 for the tiny model).") from e
+    raise
+  return out.getvalue()
+
+
+def load_tokenizer(vocab_size: int, cache_dir: str | None = None) -> Tokenizer:
+  """The built-in tokenizer with exactly vocab_size pieces, built once and cached.
+
+  Cached at `{cache_dir}/{hash of settings}.model` (default ~/.cache/mm15_jax/tokenizer),
+  written atomically so concurrent builders (several hosts on one disk) never read a
+  partial file.
+  """
+  lines = corpus()
+  settings = dict(version=_BUILD_VERSION, sentencepiece=spm.__version__, vocab_size=vocab_size,
+                  args=_TRAINER_ARGS, corpus=lines)
+  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  cache_dir = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
+  path = os.path.join(cache_dir, f"{key}.model")
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      return Tokenizer(f.read())
+  model = _train(vocab_size, lines)
+  os.makedirs(cache_dir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(model)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  return Tokenizer(model)
+
+
+def check_vocab(config, tokenizer: Tokenizer) -> None:
+  """The model's embedding rows must match the tokenizer's ids."""
+  want = config.model.llm.vocab_size
+  if want != tokenizer.vocab_size:
+    raise ValueError(f"config.model.llm.vocab_size={want} but the tokenizer has {tokenizer.vocab_size} pieces; "
+                     f"set --config.model.llm.vocab_size={tokenizer.vocab_size} or load a tokenizer of that size")
+
+
+def tokenizer_for_config(config, cache_dir: str | None = None) -> Tokenizer:
+  tokenizer = load_tokenizer(config.model.llm.vocab_size, cache_dir)
+  check_vocab(config, tokenizer)
+  return tokenizer

@@ -1,0 +1,47 @@
+"""Checks a config against the devices and the data before anything compiles.
+
+Each error names the field, the values, and a fix.
+"""
+
+import math
+
+from mm15_jax import sharding as shd
+
+
+def check_config(config, mesh=None, tokenizer=None) -> None:
+  m, d, t = config.model, config.data, config.train
+  llm, vit = m.llm, m.vit
+  errors = []
+  if llm.n_heads % llm.n_kv_heads:
+    errors.append(f"model.llm.n_heads={llm.n_heads} is not a multiple of model.llm.n_kv_heads={llm.n_kv_heads}")
+  if vit.image_size % vit.patch_size:
+    errors.append(f"model.vit.image_size={vit.image_size} is not a multiple of model.vit.patch_size={vit.patch_size}")
+  if vit.width % vit.heads:
+    errors.append(f"model.vit.width={vit.width} is not a multiple of model.vit.heads={vit.heads}")
+  k = m.connector.tokens_per_tile
+  if math.isqrt(k) ** 2 != k:
+    errors.append(f"model.connector.tokens_per_tile={k} must be a square (pooled to a sqrt x sqrt grid), e.g. 144")
+  elif math.isqrt(k) > vit.image_size // vit.patch_size:
+    errors.append(f"model.connector.tokens_per_tile={k} exceeds the {vit.image_size // vit.patch_size}^2 patch grid")
+  if m.remat not in ("none", "full", "dots"):
+    errors.append(f"model.remat={m.remat!r}: use 'none', 'full' or 'dots'")
+  if m.attention_impl not in ("xla", "cudnn", "splash"):
+    errors.append(f"model.attention_impl={m.attention_impl!r}: use 'xla', 'cudnn' or 'splash'")
+  if t.grad_accum < 1 or t.batch_size % t.grad_accum:
+    errors.append(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  if t.nan_policy not in ("stop", "skip"):
+    errors.append(f"train.nan_policy={t.nan_policy!r}: use 'stop' or 'skip'")
+  if mesh is not None:
+    spec = shd.logical_to_mesh(("batch",), config.sharding_rules, mesh)
+    n = shd.axis_size(spec[0], mesh)
+    micro = t.batch_size // max(t.grad_accum, 1)
+    if micro % n:
+      errors.append(
+          f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch do not split over the "
+          f"{n} batch shards of mesh {dict(mesh.shape)}; use a multiple of {n}")
+  if tokenizer is not None and tokenizer.vocab_size != llm.vocab_size:
+    errors.append(
+        f"model.llm.vocab_size={llm.vocab_size} but the tokenizer has {tokenizer.vocab_size} pieces; "
+        f"set --config.model.llm.vocab_size={tokenizer.vocab_size}")
+  if errors:
+    raise ValueError("invalid config:\n  " + "\n  ".join(errors))

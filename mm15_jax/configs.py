@@ -1,0 +1,168 @@
+"""Shared experiment defaults: model sizes as a table, stages as a few overrides.
+
+Experiment files in `experiments/` call `mm15(size, stage)` and change the handful
+of keys that make them different. Dimensions follow `MM15_SPEC.md`: the LLM shapes are
+AXLearn's public "fuji" family (Apple did not publish MM1.5's), the encoder is the
+open_clip ViT-H/14-378 shape, the connector is honeybee's C-Abstractor.
+"""
+
+import math
+
+import ml_collections
+
+# Decoder LLM shapes. `head_dim` = d_model / n_heads unless given.
+LLM_SIZES = {
+    # 30B: 52 heads do not split into 8 KV groups; 4 KV heads (13 queries each) is our choice.
+    "30b": dict(n_layers=60, d_model=6656, n_heads=52, n_kv_heads=4, mlp_dim=17920),
+    "7b": dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, mlp_dim=11008),
+    "3b": dict(n_layers=28, d_model=3072, n_heads=24, n_kv_heads=8, mlp_dim=8192),
+    "1b": dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, mlp_dim=8192),
+    "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=192),
+}
+
+# Nominal parameter counts, for the learning-rate rule and the size tests.
+NOMINAL_PARAMS = {"1b": 1e9, "3b": 3e9, "7b": 7e9, "30b": 30e9}
+
+VIT_SIZES = {
+    # open_clip ViT-H-14-378 (DFN-5B): 27x27 patches at 378 px, QuickGELU.
+    "H/14": dict(patch_size=14, width=1280, depth=32, heads=16, mlp_dim=5120, act="quick_gelu"),
+    "L/14": dict(patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096, act="quick_gelu"),
+    "tiny": dict(patch_size=8, width=32, depth=2, heads=2, mlp_dim=64, act="quick_gelu"),
+}
+
+
+def peak_learning_rate(num_params: float) -> float:
+  """MM1's size rule: eta = exp(-0.4214 ln N - 0.5535), N in parameters."""
+  return math.exp(-0.4214 * math.log(num_params) - 0.5535)
+
+
+def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_collections.ConfigDict:
+  llm = dict(LLM_SIZES[size])
+  llm.setdefault("head_dim", llm["d_model"] // llm["n_heads"])
+  llm.update(vocab_size=vocab_size, rope_theta=500_000.0, tie_embeddings=False, norm_eps=1e-5)
+  vit_cfg = dict(VIT_SIZES[vit], image_size=image_size, norm_eps=1e-5)
+  return ml_collections.ConfigDict(dict(
+      llm=llm,
+      vit=vit_cfg,
+      connector=dict(
+          kind="c_abstractor",  # "c_abstractor" | "mlp"
+          tokens_per_tile=144,  # must be a square: pooled to sqrt x sqrt
+          depth=3,  # ResNet bottleneck blocks before and after pooling
+          hidden_dim=vit_cfg["width"],
+      ),
+      dtype="bfloat16",  # compute dtype
+      param_dtype="float32",  # master weights
+      remat="full",  # "none" | "full" | "dots" (save matmul outputs)
+      attention_impl="xla",  # "xla" | "cudnn" | "splash"
+  ))
+
+
+# Logical axis -> mesh axes. The first mesh axis not already used by another
+# dimension of the same array wins, so one name serves params and activations.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+)
+
+STAGES = ("pretrain", "cpt", "sft")
+
+
+def mm15(size: str = "3b", stage: str = "pretrain") -> ml_collections.ConfigDict:
+  """The full MM1.5 recipe for one paper size and one training stage."""
+  if size not in NOMINAL_PARAMS:
+    raise ValueError(f"size={size!r}: expected one of {sorted(NOMINAL_PARAMS)}")
+  if stage not in STAGES:
+    raise ValueError(f"stage={stage!r}: expected one of {STAGES} (e.g. experiments/mm15_3b.py:sft)")
+  c = base()
+  c.stage = stage
+  lr = peak_learning_rate(NOMINAL_PARAMS[size])
+  if stage == "pretrain":
+    # MM1.5 pretraining: 378 px tiles, up to 16 images per sequence, no splitting.
+    c.model = model_config(size, "H/14", image_size=378, vocab_size=32768)
+    c.data.name = "mixture"
+    c.data.mixture = dict(captions=0.5, interleaved=0.1, text=0.4)
+    c.data.seq_len = 4096
+    c.data.max_tiles = 16
+    c.data.anyres = dict(enabled=False, n_min=1, n_max=1)
+    c.train.steps = 200_000
+    c.train.batch_size = 512
+    c.train.lr = lr
+    c.init.from_checkpoint = ""
+  elif stage == "cpt":
+    # High-resolution OCR continual pretraining: 672 px tiles, AnyRes (4, 9) + overview.
+    c.model = model_config(size, "H/14", image_size=672, vocab_size=32768)
+    c.data.name = "mixture"
+    c.data.mixture = dict(ocr=1.0)
+    c.data.seq_len = 4096
+    c.data.max_tiles = 10
+    c.data.anyres = dict(enabled=True, n_min=4, n_max=9)
+    c.train.steps = 30_000
+    c.train.batch_size = 256
+    c.train.lr = 1e-5
+    c.init.from_checkpoint = f"checkpoints/mm15_{size}_pretrain"
+  else:
+    # SFT: w_single 0.8, w_multi 0.1, w_text 0.1 (categories inside w_single per the spec).
+    c.model = model_config(size, "H/14", image_size=672, vocab_size=32768)
+    c.data.name = "mixture"
+    c.data.mixture = dict(single_image=0.8, multi_image=0.1, text=0.1)
+    c.data.seq_len = 4096
+    c.data.max_tiles = 10
+    c.data.anyres = dict(enabled=True, n_min=4, n_max=9)
+    c.train.steps = 23_000
+    c.train.batch_size = 256
+    c.train.lr = 2e-5
+    c.init.from_checkpoint = f"checkpoints/mm15_{size}_cpt"
+  # MM1's decoupled weight decay is 0.1 * eta; optax's AdamW multiplies its coefficient by
+  # the scheduled learning rate, so the coefficient itself is 0.1.
+  c.train.weight_decay = 0.1
+  c.train.warmup_steps = 2000 if stage == "pretrain" else 500
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1)
+  return c
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every field an experiment can set, with CPU-friendly defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stage = "pretrain"
+  c.model = model_config("tiny", "tiny", image_size=32, vocab_size=512)
+  # Mesh axis sizes; -1 means "all remaining devices".
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  c.sharding_rules = DEFAULT_RULES
+  c.data = dict(
+      name="shapes",  # built-in generated data; "mixture" for the MM1.5 recipe
+      mixture={},
+      seq_len=64,
+      max_tiles=1,  # image tiles per sequence (overview + sub-images of all its images)
+      anyres=dict(enabled=False, n_min=1, n_max=1),
+      num_examples=4096,  # size of the built-in dataset
+      eval_examples=256,
+      prefetch=2,  # batches put on devices ahead of the step
+  )
+  c.train = dict(
+      steps=200,
+      batch_size=8,  # global, in sequences
+      grad_accum=1,  # micro-batches per step
+      lr=3e-3,
+      warmup_steps=20,
+      lr_min_ratio=0.1,  # cosine decays to lr * lr_min_ratio
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip=1.0,
+      z_loss=0.0,
+      trainable="all",  # "all" | comma list of vit,connector,llm
+      nan_policy="stop",  # "stop" | "skip"
+      peak_tflops_per_device=0.0,  # 0 = measure/guess from the device kind
+  )
+  c.checkpoint = dict(every=100, keep=3, async_save=True)
+  c.init = dict(from_checkpoint="")  # params of a previous stage's run (a workdir or a step dir)
+  c.eval = dict(every=0, batches=4)  # every=0: evaluate only at the end
+  c.log_every = 10
+  return c

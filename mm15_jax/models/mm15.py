@@ -1,0 +1,43 @@
+"""MM1.5: ViT image tiles -> connector tokens -> written into the text embedding -> decoder LLM."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mm15_jax.models.connector import make_connector
+from mm15_jax.models.llm import Decoder
+from mm15_jax.models.vit import VisionTransformer
+from mm15_jax.sharding import constrain
+
+
+class MM15(nnx.Module):
+  """The multimodal model of `config.model`; submodules `vit`, `connector`, `llm`."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    common = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
+                  attention_impl=config.attention_impl, rngs=rngs)
+    self.vit = VisionTransformer(config.vit, **common)
+    self.connector = make_connector(config, rngs)
+    self.llm = Decoder(config.llm, **common)
+
+  def __call__(self, tokens, positions, segment_ids, images, image_token_positions):
+    """Logits float32 [B, L, vocab] for one batch (fields as in mm15_jax/batch.py).
+
+    tokens, positions, segment_ids: int [B, L]; images: [B, T, S, S, 3];
+    image_token_positions: int [B, T*K], -1 = unused slot. Shapes are static: unused tiles
+    still run through the ViT (their tokens are dropped), so nothing here recompiles per batch.
+    """
+    x = self.llm.embed(tokens)  # [B, L, D]
+    b, length, d = x.shape
+    t = images.shape[1]
+    if t:
+      feats = self.vit(images.reshape(b * t, *images.shape[2:]))  # [B*T, patches, vit_width]
+      img = self.connector(feats)  # [B*T, K, D]
+      img = img.reshape(b, -1, d).astype(x.dtype)  # [B, T*K, D], tile-major like the positions
+      if img.shape[1] != image_token_positions.shape[1]:
+        raise ValueError(f"image_token_positions has {image_token_positions.shape[1]} slots but "
+                         f"{t} tiles give {img.shape[1]} tokens; check config.model.connector.tokens_per_tile")
+      # -1 (unused) must not wrap to the last position: send it out of range and drop it.
+      idx = jnp.where(image_token_positions < 0, length, image_token_positions)
+      x = x.at[jnp.arange(b)[:, None], idx].set(img, mode="drop")
+      x = constrain(x, ("batch", "length", "embed"))
+    return self.llm.decode(x, positions, segment_ids)

@@ -1,0 +1,139 @@
+"""CLIP-style Vision Transformer (open_clip layout): images -> patch features for the connector.
+
+Choices: a class token is kept, as in CLIP, so pretrained CLIP weights compute what they were
+trained to; it is dropped from the output. There is no ln_post: the connector reads the last
+block's patch tokens (as honeybee reads CLIP's `last_hidden_state`). Position embeddings are
+learned for the `image_size` grid and bilinearly resized at call time for any other grid.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mm15_jax.models.attention import attention, check_impl
+from mm15_jax.models.llm import dense_init, param, remat_policy, scan_layers, stack_layers
+from mm15_jax.sharding import constrain
+
+ACTS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis; statistics in float32."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), (None,), param_dtype)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), (None,), param_dtype)
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def resize_pos_embedding(table, grid_h: int, grid_w: int):
+  """table: [h, w, width] learned grid -> [grid_h, grid_w, width], bilinear (half-pixel centres).
+
+  Returns the table itself at its own grid, so native-resolution inputs see the learned values.
+  """
+  if table.shape[:2] == (grid_h, grid_w):
+    return table
+  return jax.image.resize(table, (grid_h, grid_w, table.shape[-1]), method="bilinear", antialias=False)
+
+
+class ViTBlock(nnx.Module):
+  """Pre-norm block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+  def __init__(self, cfg, *, dtype, param_dtype, attention_impl, rngs):
+    d, h, f = cfg.width, cfg.heads, cfg.mlp_dim
+    hd = d // h
+    self.dtype, self.act, self.attention_impl = dtype, ACTS[cfg.act], attention_impl
+    p = lambda init, shape, names: param(rngs, init, shape, names, param_dtype)
+    zeros = jax.nn.initializers.zeros
+    self.ln_1 = LayerNorm(d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.q = p(dense_init(0), (d, h, hd), ("embed", "heads", "head_dim"))
+    self.k = p(dense_init(0), (d, h, hd), ("embed", "heads", "head_dim"))
+    self.v = p(dense_init(0), (d, h, hd), ("embed", "heads", "head_dim"))
+    # Biases are 1-D ([heads * head_dim]) so weight-decay masks treat them as biases.
+    self.q_bias = p(zeros, (h * hd,), (None,))
+    self.k_bias = p(zeros, (h * hd,), (None,))
+    self.v_bias = p(zeros, (h * hd,), (None,))
+    self.o = p(dense_init((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"))
+    self.o_bias = p(zeros, (d,), (None,))
+    self.ln_2 = LayerNorm(d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = p(dense_init(0), (d, f), ("embed", "mlp"))
+    self.fc1_bias = p(zeros, (f,), (None,))
+    self.fc2 = p(dense_init(0), (f, d), ("mlp", "embed"))
+    self.fc2_bias = p(zeros, (d,), (None,))
+
+  def __call__(self, x, segment_ids):
+    # x: [n, tokens, width]; segment_ids: all ones [n, tokens] (every token sees every token).
+    w = lambda v: v[...].astype(self.dtype)
+    heads, hd = self.q.shape[1], self.q.shape[2]
+    proj = lambda y, k, b: jnp.einsum("bld,dhk->blhk", y, w(k)) + w(b).reshape(heads, hd)
+    y = self.ln_1(x)
+    q = constrain(proj(y, self.q, self.q_bias), ("batch", "length", "heads", "head_dim"))
+    k = constrain(proj(y, self.k, self.k_bias), ("batch", "length", "heads", "head_dim"))
+    v = constrain(proj(y, self.v, self.v_bias), ("batch", "length", "heads", "head_dim"))
+    a = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False,
+                  impl=self.attention_impl)
+    x = x + jnp.einsum("blhk,hkd->bld", a, w(self.o)) + w(self.o_bias)
+    x = constrain(x, ("batch", "length", "embed"))
+    y = self.ln_2(x)
+    hidden = self.act(jnp.einsum("bld,df->blf", y, w(self.fc1)) + w(self.fc1_bias))
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    x = x + jnp.einsum("blf,fd->bld", hidden, w(self.fc2)) + w(self.fc2_bias)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class VisionTransformer(nnx.Module):
+  """images [n, H, W, 3] -> patch features [n, (H/p) * (W/p), width]."""
+
+  def __init__(self, config, *, dtype="float32", param_dtype="float32", remat="none",
+               attention_impl="xla", rngs: nnx.Rngs):
+    if config.act not in ACTS:
+      raise ValueError(f"config.model.vit.act={config.act!r}: expected one of {sorted(ACTS)}")
+    if config.width % config.heads:
+      raise ValueError(f"config.model.vit: width={config.width} is not a multiple of heads={config.heads}")
+    if config.image_size % config.patch_size:
+      raise ValueError(f"config.model.vit: image_size={config.image_size} is not a multiple of "
+                       f"patch_size={config.patch_size}")
+    check_impl(attention_impl, platform=False)
+    remat_policy(remat)
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    self.dtype, self.remat, self.patch_size = dtype, remat, config.patch_size
+    p, d, g = config.patch_size, config.width, config.image_size // config.patch_size
+    emb = jax.nn.initializers.normal(d ** -0.5)  # CLIP's scale for class and position embeddings
+    # Conv kernel layout [p, p, 3, width] (open_clip's conv1, transposed), applied as a matmul.
+    self.patch_embedding = param(rngs, dense_init((0, 1, 2)), (p, p, 3, d), (None, None, None, "embed"), param_dtype)
+    self.class_embedding = param(rngs, emb, (d,), (None,), param_dtype)
+    self.class_pos_embedding = param(rngs, emb, (d,), (None,), param_dtype)
+    self.pos_embedding = param(rngs, emb, (g, g, d), (None, None, "embed"), param_dtype)
+    self.ln_pre = LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.layers = stack_layers(
+        lambda r: ViTBlock(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=r),
+        config.depth, rngs)
+
+  def __call__(self, images):
+    n, h, w, c = images.shape
+    p = self.patch_size
+    if h % p or w % p or c != 3:
+      raise ValueError(f"VisionTransformer: images of shape {images.shape} must be [n, H, W, 3] with H, W "
+                       f"multiples of patch_size={p}; check config.model.vit.image_size")
+    gh, gw = h // p, w // p
+    # Non-overlapping patches: [n, gh, gw, p, p, 3] -> [n, gh, gw, width].
+    patches = images.astype(self.dtype).reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = jnp.einsum("nhwpqc,pqcd->nhwd", patches, self.patch_embedding[...].astype(self.dtype))
+    x = x + resize_pos_embedding(self.pos_embedding[...], gh, gw).astype(self.dtype)
+    x = x.reshape(n, gh * gw, -1)
+    cls = (self.class_embedding[...] + self.class_pos_embedding[...]).astype(self.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cls.shape[-1])), x], axis=1)
+    x = constrain(self.ln_pre(x), ("batch", "length", "embed"))
+    segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    x = scan_layers(self.layers, x, segment_ids, remat=self.remat)
+    return x[:, 1:]  # patch tokens only: [n, gh * gw, width]

@@ -1,0 +1,80 @@
+"""Parameters per component and bytes per chip: `python -m mm15_jax.summary --config=FILE [--json]`.
+
+Nothing is allocated: the model is built abstractly and its shardings are worked out
+arithmetically for the config's mesh, so a 30B config summarises on a laptop.
+"""
+
+import json
+import math
+import types
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Devices filling a -1 mesh axis (default: the visible ones).")
+
+COMPONENTS = ("vit", "connector", "llm")
+
+
+def mesh_shape(mesh_config, devices: int) -> dict:
+  from mm15_jax.sharding import MESH_AXES
+  sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES}
+  known = math.prod(s for s in sizes.values() if s != -1)
+  return {a: (devices // known if s == -1 else s) for a, s in sizes.items()}
+
+
+def summarize(config, devices: int) -> dict:
+  """Param counts and per-chip bytes of params (param_dtype) and AdamW moments (float32)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from mm15_jax import sharding as shd
+  from mm15_jax.train import state as state_lib
+
+  abstract = nnx.eval_shape(lambda: state_lib.build_model(config.model, config.seed))
+  _, params, _ = nnx.split(abstract, nnx.Param, ...)
+  logical = state_lib.logical_axes(params)
+  shapes = nnx.to_pure_dict(params)
+  mesh = types.SimpleNamespace(shape=mesh_shape(config.mesh, devices))
+  param_bytes = np.dtype(config.model.param_dtype).itemsize
+  out = {"mesh": mesh.shape}
+  per_chip = 0.0
+  for name in COMPONENTS:
+    leaves = jax.tree.leaves(shapes[name])
+    axes = jax.tree.leaves(logical[name], is_leaf=lambda x: isinstance(x, tuple))
+    count = sum(math.prod(x.shape) for x in leaves)
+    shard_elems = sum(
+        math.prod(x.shape) / math.prod(shd.axis_size(e, mesh) for e in shd.logical_to_mesh(a, config.sharding_rules, mesh))
+        for x, a in zip(leaves, axes))
+    chip = shard_elems * (param_bytes + 8)  # params + two float32 Adam moments
+    per_chip += chip
+    out[name] = {"params": int(count), "bytes_per_chip": int(chip)}
+  out["total"] = {"params": int(sum(out[c]["params"] for c in COMPONENTS)), "bytes_per_chip": int(per_chip)}
+  return out
+
+
+def format_table(summary: dict) -> str:
+  lines = [f"mesh: {summary['mesh']}", f"{'component':<12}{'params':>18}{'GiB/chip (params+Adam)':>26}"]
+  for name in COMPONENTS + ("total",):
+    row = summary[name]
+    lines.append(f"{name:<12}{row['params']:>18,}{row['bytes_per_chip'] / 2**30:>26.3f}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  import jax
+  devices = _DEVICES.value or jax.device_count()
+  summary = summarize(_CONFIG.value, devices)
+  print(json.dumps(summary) if _JSON.value else format_table(summary))
+
+
+def run():
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,1 @@
+"""Training: optimizer, loss, the jitted step, metrics and the loop."""

@@ -1,0 +1,3 @@
+from mm15_jax.train.main import run
+
+run()

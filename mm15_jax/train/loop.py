@@ -1,0 +1,116 @@
+"""The training loop: mesh, data, state (fresh, resumed or from a previous stage), steps, eval."""
+
+import time
+
+import jax
+
+import data_pipelines
+from mm15_jax import batch as batch_lib
+from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax import sharding as shd
+from mm15_jax.config_checks import check_config
+from mm15_jax.train import flops as flops_lib
+from mm15_jax.train import state as state_lib
+from mm15_jax.train import step as step_lib
+from mm15_jax.train.metrics import MetricsWriter
+from mm15_jax.train.prefetch import DevicePrefetcher, global_batch_putter
+
+
+def evaluate(eval_fn, params, eval_batches, put) -> dict:
+  """Loss, token accuracy and exact match of whole answers over the eval batches."""
+  totals = None
+  for host_batch in eval_batches:
+    out = jax.device_get(eval_fn(params, put(host_batch)))
+    totals = out if totals is None else {k: totals[k] + out[k] for k in out}
+  count = max(float(totals["count"]), 1.0)
+  return dict(
+      loss=float(totals["loss_sum"]) / count,
+      token_accuracy=float(totals["correct"]) / count,
+      exact_match=float(totals["exact"]) / max(float(totals["rows"]), 1.0),
+  )
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
+  """Trains `config.train.steps` steps (resuming if WORKDIR has checkpoints); returns the final eval."""
+  config = config.copy_and_resolve_references()
+  mesh = shd.make_mesh(config.mesh)
+  tokenizer = data_pipelines.load_tokenizer(config.model.llm.vocab_size)
+  check_config(config, mesh, tokenizer)
+  setup = state_lib.make_setup(config, mesh)
+
+  n_proc, p_idx = jax.process_count(), jax.process_index()
+  host_ds = data_pipelines.make_train_dataset(config, tokenizer, process_index=p_idx, process_count=n_proc)
+  put = global_batch_putter(setup)
+  expected_local = batch_lib.shapes_for_config(config, config.train.batch_size // n_proc)
+  batches = DevicePrefetcher(iter(host_ds), put, depth=config.data.prefetch, expected_local=expected_local)
+
+  checkpointer = ckpt_lib.Checkpointer(
+      ckpt_lib.workdir_checkpoints(workdir), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  writer = None
+  try:
+    if checkpointer.latest_step() is not None:
+      state = checkpointer.restore(setup.abstract_state, batches)
+      origin = f"resumed from step {int(state['step'])}"
+    else:
+      state = state_lib.init_state(setup)
+      origin = "initialised"
+      if config.init.from_checkpoint:
+        state["params"] = ckpt_lib.load_params(config.init.from_checkpoint, setup.abstract_state["params"])
+        origin = f"params from {config.init.from_checkpoint}"
+    start = int(jax.device_get(state["step"]))
+
+    counts = flops_lib.param_counts(setup.abstract_params)
+    step_flops = flops_lib.flops_per_step(config, counts)
+    peak = flops_lib.peak_flops_per_device(config.train.peak_tflops_per_device)
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+
+    writer = MetricsWriter(workdir, config.train.steps, start, progress=progress)
+    writer.message(
+        f"mm15_jax: {counts['total'] / 1e6:.2f}M params (vit {counts['vit'] / 1e6:.2f}M, connector "
+        f"{counts['connector'] / 1e6:.2f}M, llm {counts['llm'] / 1e6:.2f}M), mesh {dict(mesh.shape)}, {origin}")
+
+    train_fn = step_lib.jit_train_step(setup)
+    eval_fn = step_lib.jit_eval_step(setup)
+    eval_batches = data_pipelines.make_eval_batches(config, tokenizer, config.eval.batches)
+
+    window_start, window_steps = time.perf_counter(), 0
+    first_timed = True
+    for step in range(start, config.train.steps):
+      state, metrics = train_fn(state, next(batches))
+      window_steps += 1
+      done = step + 1
+      last = done == config.train.steps
+      if done % config.log_every == 0 or last:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window_start
+        seconds = elapsed / window_steps
+        if not bool(metrics["finite"]):
+          msg = f"step {done}: non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']}; update skipped"
+          if config.train.nan_policy == "stop":
+            raise FloatingPointError(msg + " (config.train.nan_policy='stop'; 'skip' to continue)")
+          writer.message(msg)
+        metrics = {k: v for k, v in metrics.items() if k != "finite"}
+        metrics.update(
+            tokens_per_s=tokens_per_step / seconds, step_seconds=seconds,
+            mfu=flops_lib.mfu(step_flops, seconds, peak, jax.device_count()))
+        if first_timed:
+          metrics["includes_compile"] = 1  # the first window holds the compile
+          first_timed = False
+        writer.write(done, metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      writer.advance()
+      if config.checkpoint.every and (done % config.checkpoint.every == 0 or last):
+        checkpointer.save(state, batches, force=last)
+      if config.eval.every and done % config.eval.every == 0 and not last:
+        writer.write(done, evaluate(eval_fn, state["params"], eval_batches, put), kind="eval")
+
+    result = evaluate(eval_fn, state["params"], eval_batches, put)
+    writer.write(int(jax.device_get(state["step"])), result, kind="eval")
+    writer.message(
+        f"eval: loss {result['loss']:.4f}, token accuracy {result['token_accuracy']:.3f}, "
+        f"exact match {result['exact_match']:.3f} on {len(eval_batches) * config.train.batch_size} examples")
+    return result
+  finally:
+    checkpointer.close()
+    if writer is not None:
+      writer.close()

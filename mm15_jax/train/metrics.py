@@ -1,0 +1,65 @@
+"""Per-step metrics to the console (progress bar), WORKDIR/metrics.jsonl and TensorBoard."""
+
+import json
+import os
+
+import jax
+import tqdm
+
+
+class MetricsWriter:
+  """Only process 0 writes; every process may call it."""
+
+  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, progress: bool = True):
+    self.active = jax.process_index() == 0
+    self._bar = None
+    self._jsonl = None
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if progress:
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+  def write(self, step: int, metrics: dict, kind: str = "train") -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    if kind != "train":
+      record = {"step": int(step), "kind": kind, **{k: v for k, v in record.items() if k != "step"}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for k, v in record.items():
+      if isinstance(v, (int, float)) and k != "step":
+        self._tb.add_scalar(f"{kind}/{k}", v, step)
+    if self._bar is not None and kind == "train":
+      self._bar.set_postfix(
+          loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
+          mfu=f"{100 * record.get('mfu', 0):.1f}%", refresh=False)
+
+  def advance(self, n: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def message(self, text: str) -> None:
+    if self.active:
+      (self._bar.write if self._bar is not None else print)(text)
+
+  def close(self) -> None:
+    if not self.active:
+      return
+    if self._bar is not None:
+      self._bar.close()
+    self._jsonl.close()
+    self._tb.close()
+
+
+def _plain(v):
+  v = jax.device_get(v)
+  try:
+    return float(v) if getattr(v, "dtype", None) is None or v.dtype.kind == "f" else int(v)
+  except TypeError:
+    return v

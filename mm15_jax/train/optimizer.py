@@ -1,0 +1,68 @@
+"""AdamW with warmup + cosine decay, global-norm clipping, decay masks, frozen parts."""
+
+import jax
+import optax
+
+COMPONENTS = ("vit", "connector", "llm")
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+  t = train_config
+  warmup = min(t.warmup_steps, max(t.steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=t.lr,
+      warmup_steps=warmup,
+      decay_steps=max(t.steps, warmup + 1),
+      end_value=t.lr * t.lr_min_ratio,
+  )
+
+
+def trainable_components(train_config) -> tuple[str, ...]:
+  spec = train_config.trainable
+  if spec == "all":
+    return COMPONENTS
+  names = tuple(n.strip() for n in spec.split(",") if n.strip())
+  unknown = [n for n in names if n not in COMPONENTS]
+  if unknown or not names:
+    raise ValueError(
+        f"config.train.trainable={spec!r}: unknown parts {unknown}; use 'all' or a comma list of {COMPONENTS}")
+  return names
+
+
+def _is_axes(x):
+  return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+
+
+def decay_mask(logical_axes: dict) -> dict:
+  """Weight decay on matrices only: norms' scales and biases are vectors (per layer)."""
+  def is_matrix(names):
+    return len([n for n in names if n != "layers"]) >= 2
+  return jax.tree.map(is_matrix, logical_axes, is_leaf=_is_axes)
+
+
+def _decay_mask_fn(logical_axes: dict):
+  """The mask as a function of the params it is given, which may have frozen parts masked out."""
+  by_path = {
+      tuple(k.key for k in path): m
+      for path, m in jax.tree_util.tree_leaves_with_path(decay_mask(logical_axes))
+  }
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: by_path[tuple(k.key for k in path)], params)
+
+
+def make_optimizer(train_config, logical_axes: dict) -> optax.GradientTransformation:
+  """The optimizer over the params' pure dict; `logical_axes` has the same structure."""
+  t = train_config
+  adamw = optax.chain(
+      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
+      optax.adamw(
+          learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+          weight_decay=t.weight_decay, mask=_decay_mask_fn(logical_axes)),
+  )
+  trainable = trainable_components(t)
+  if set(trainable) == set(logical_axes):
+    return adamw
+  # Frozen parts keep no optimizer state and get no update.
+  labels = {k: ("train" if k in trainable else "frozen") for k in logical_axes}
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)

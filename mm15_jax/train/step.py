@@ -1,0 +1,135 @@
+"""The jitted train and eval steps: pure functions of (state, batch).
+
+Nothing here does Python work that depends on data, so one compile serves the whole run.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mm15_jax import sharding as shd
+from mm15_jax.train import optimizer as opt_lib
+from mm15_jax.train.loss import masked_cross_entropy
+from mm15_jax.train.state import TrainSetup
+
+MODEL_INPUTS = ("tokens", "positions", "segment_ids", "images", "image_token_positions")
+
+
+def _forward_sums(setup: TrainSetup, params, batch):
+  """(objective_sum, aux) for one (micro)batch; sums, not means, so accumulation is exact."""
+  model = nnx.merge(setup.graphdef, params, setup.rest)
+  logits = model(*(batch[k] for k in MODEL_INPUTS))
+  loss_sum, z_sum, correct = masked_cross_entropy(
+      logits, batch["targets"], batch["loss_mask"], setup.config.train.z_loss)
+  count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+  return loss_sum + z_sum, dict(loss_sum=loss_sum, z_sum=z_sum, correct=correct, count=count)
+
+
+def _freeze(setup: TrainSetup, params):
+  """Frozen components get no gradient, so their backward pass is never computed."""
+  trainable = opt_lib.trainable_components(setup.config.train)
+  return {k: (v if k in trainable else jax.lax.stop_gradient(v)) for k, v in params.items()}
+
+
+def _split_microbatches(batch, accum: int):
+  """[B, ...] -> [accum, B/accum, ...], each device keeping its own rows."""
+  def split(x):
+    b = x.shape[0]
+    x = x.reshape((b // accum, accum) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(setup: TrainSetup, params: dict, batch: dict):
+  """Mean loss over loss-masked tokens, its gradients, and sums; exact under accumulation."""
+  grad_fn = jax.value_and_grad(
+      lambda p, b: _forward_sums(setup, _freeze(setup, p), b), has_aux=True)
+  accum = setup.config.train.grad_accum
+  if accum == 1:
+    (_, aux), grads = grad_fn(params, batch)
+  else:
+    micro = _split_microbatches(batch, accum)
+
+    def body(carry, mb):
+      mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+      (_, aux), g = grad_fn(params, mb)
+      return jax.tree.map(jnp.add, carry, (g, aux)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (params, dict(loss_sum=0.0, z_sum=0.0, correct=0.0, count=0.0)))
+    (grads, aux), _ = jax.lax.scan(body, zeros, micro)
+  count = jnp.maximum(aux["count"], 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  return aux["loss_sum"] / count, aux, grads
+
+
+def train_step(setup: TrainSetup, state: dict, batch: dict):
+  config = setup.config
+  params = state["params"]
+  loss, aux, grads = loss_and_grads(setup, params, batch)
+  count = jnp.maximum(aux["count"], 1.0)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  updates, new_opt_state = setup.tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  # A non-finite step never reaches the weights; the loop stops or skips by config.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = dict(
+      step=state["step"] + 1,
+      params=keep(new_params, params),
+      opt_state=keep(new_opt_state, state["opt_state"]),
+      rng=state["rng"],
+  )
+  metrics = dict(
+      loss=loss,
+      z_loss=aux["z_sum"] / count,
+      accuracy=aux["correct"] / count,
+      grad_norm=grad_norm,
+      lr=opt_lib.learning_rate_schedule(config.train)(state["step"]),
+      loss_tokens=aux["count"],
+      finite=finite,
+  )
+  return new_state, metrics
+
+
+def eval_step(setup: TrainSetup, params: dict, batch: dict):
+  """Sums for loss, token accuracy and exact match of each row's whole answer.
+
+  Exact match under teacher forcing equals greedy-decoding correctness: every answer
+  token is the argmax given the correct prefix.
+  """
+  model = nnx.merge(setup.graphdef, params, setup.rest)
+  logits = model(*(batch[k] for k in MODEL_INPUTS))
+  loss_sum, _, correct = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+  mask = batch["loss_mask"] > 0
+  hit = (jnp.argmax(logits, -1) == batch["targets"]) | ~mask
+  rows = jnp.any(mask, axis=-1)
+  exact = jnp.sum(jnp.all(hit, axis=-1) & rows)
+  return dict(loss_sum=loss_sum, correct=correct, count=jnp.sum(mask), exact=exact, rows=jnp.sum(rows))
+
+
+def _with_rules(setup: TrainSetup, fn):
+  """Activation sharding constraints resolve against this run's mesh and rules at trace time."""
+  def wrapped(*args):
+    with shd.use_rules(setup.mesh, setup.config.sharding_rules):
+      return fn(setup, *args)
+  return wrapped
+
+
+def jit_train_step(setup: TrainSetup):
+  """State in and out keeps its shardings; batches arrive already placed (loop.py)."""
+  return jax.jit(
+      _with_rules(setup, train_step),
+      out_shardings=(setup.state_shardings, None),
+      donate_argnums=(0,),
+  )
+
+
+def jit_loss_and_grads(setup: TrainSetup):
+  return jax.jit(_with_rules(setup, loss_and_grads))
+
+
+def jit_eval_step(setup: TrainSetup):
+  return jax.jit(_with_rules(setup, eval_step))

@@ -1,0 +1,38 @@
+"""Installs the mm15_jax library and its data_pipelines package."""
+
+import setuptools
+
+setuptools.setup(
+    name="mm15_jax",
+    version="0.1.0",
+    description="JAX-native pretraining and fine-tuning of MM1.5-style multimodal LLMs.",
+    packages=setuptools.find_packages(include=["mm15_jax", "mm15_jax.*", "data_pipelines", "data_pipelines.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # Minimums that resolve on Python 3.11 (jax 0.10 / flax 0.12.8); 3.12 gets newer releases.
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.0",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.9",
+        "ml-collections>=1.1.0",
+        "sentencepiece>=0.2.0",
+        "chex>=0.1.90",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+        "tpu": ["libtpu"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mm15-train=mm15_jax.train.main:run",
+            "mm15-summary=mm15_jax.summary:run",
+        ],
+    },
+)

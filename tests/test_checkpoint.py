@@ -1,0 +1,121 @@
+"""Save, stop, resume: the next steps match an unbroken run, on the same or another mesh."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax.train import state as state_lib
+from mm15_jax.train.loop import train_and_evaluate
+from tiny_setup import setup_on, tiny_config
+
+MESH_A = dict(data=8, fsdp=1, tensor=1, expert=1)
+MESH_B = dict(data=2, fsdp=2, tensor=2, expert=1)
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in rows if "kind" not in r}
+
+
+def run(workdir, steps, mesh, **overrides):
+  config = tiny_config(**overrides)
+  config.train.steps = steps
+  config.train.warmup_steps = 2
+  config.checkpoint.every = 3
+  config.mesh = mesh
+  return train_and_evaluate(config, str(workdir), progress=False)
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("unbroken")
+  run(workdir, 6, MESH_A)
+  return workdir
+
+
+def test_resume_matches_unbroken_run(unbroken, tmp_path):
+  run(tmp_path, 3, MESH_A)  # the first process ends after its step-3 checkpoint
+  assert ckpt_lib.latest_step(tmp_path / "checkpoints") == 3
+  run(tmp_path, 6, MESH_A)  # a new process resumes from step 3
+  want, got = losses(unbroken), losses(tmp_path)
+  for step in (4, 5, 6):
+    assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got, want)
+
+
+def test_resume_on_a_different_mesh(unbroken, tmp_path):
+  run(tmp_path, 3, MESH_A)
+  run(tmp_path, 6, MESH_B)
+  want, got = losses(unbroken), losses(tmp_path)
+  for step in (4, 5, 6):
+    assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got, want)
+
+
+def test_killed_save_resumes_from_last_complete_checkpoint(unbroken, tmp_path):
+  run(tmp_path, 3, MESH_A)
+  ckpts = tmp_path / "checkpoints"
+  # A save killed half-way leaves only orbax's temporary directory behind.
+  shutil.copytree(ckpts / "3", ckpts / "6.orbax-checkpoint-tmp-1700000000")
+  (ckpts / "6.orbax-checkpoint-tmp-1700000000" / "params" / "_METADATA").unlink(missing_ok=True)
+  assert ckpt_lib.latest_step(ckpts) == 3
+  run(tmp_path, 6, MESH_A)
+  want, got = losses(unbroken), losses(tmp_path)
+  assert got[4] == pytest.approx(want[4], rel=1e-6)
+
+
+def test_restore_params_onto_another_mesh(unbroken):
+  config = tiny_config()
+  setup_b = setup_on(config, MESH_B)
+  checkpointer = ckpt_lib.Checkpointer(unbroken / "checkpoints")
+  restored = checkpointer.restore(setup_b.abstract_state)
+  assert int(restored["step"]) == 6
+  for x, s in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(setup_b.param_shardings)):
+    assert x.sharding == s
+  setup_a = setup_on(config, MESH_A)
+  again = checkpointer.restore(setup_a.abstract_state)
+  checkpointer.close()
+  for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(jax.device_get(again))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_next_stage_starts_from_previous_params(unbroken, tmp_path):
+  config = tiny_config()
+  setup = setup_on(config, MESH_A)
+  params = ckpt_lib.load_params(str(unbroken), setup.abstract_state["params"])
+  checkpointer = ckpt_lib.Checkpointer(unbroken / "checkpoints")
+  saved = checkpointer.restore(setup.abstract_state)["params"]
+  checkpointer.close()
+  for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(saved))):
+    np.testing.assert_array_equal(a, b)
+  # An SFT-like stage: fresh optimizer, params from the previous run, its own step count.
+  result = run(tmp_path, 1, MESH_A, **{"init.from_checkpoint": str(unbroken)})
+  assert np.isfinite(result["loss"])
+  with pytest.raises(FileNotFoundError, match="init.from_checkpoint"):
+    ckpt_lib.load_params(str(tmp_path / "nowhere"), setup.abstract_state["params"])
+
+
+def test_cli_writes_metrics_events_and_checkpoints(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  subprocess.run(
+      [sys.executable, "-m", "mm15_jax.train", "--config=experiments/tiny.py", f"--workdir={tmp_path}",
+       "--config.train.steps=2", "--config.log_every=1", "--config.checkpoint.every=2",
+       "--config.train.batch_size=4", "--config.eval.batches=1", "--config.mesh.data=2", "--no_progress"],
+      cwd=root, env=env, check=True, capture_output=True, text=True, timeout=600)
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  train_rows = [r for r in rows if "kind" not in r]
+  assert [r["step"] for r in train_rows] == [1, 2]
+  for r in train_rows:
+    assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"} <= set(r)
+    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+  assert rows[-1]["kind"] == "eval" and 0 <= rows[-1]["exact_match"] <= 1
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
+  assert (tmp_path / "checkpoints" / "2" / "params").exists()

@@ -1,0 +1,85 @@
+"""Every experiment file loads; every paper size has the right size; the summary tool."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (loads experiment files)
+from ml_collections.config_flags import config_flags as cf
+
+from mm15_jax import configs
+from mm15_jax import summary as summary_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(path, arg=None):
+  spec = f"{path}:{arg}" if arg else path
+  return cf._ConfigFileParser(name="config").parse(spec)  # the parser behind --config=FILE:arg
+
+
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_experiment_loads(path):
+  stages = configs.STAGES if os.path.basename(path).startswith("mm15_") else (None,)
+  for stage in stages:
+    c = load(path, stage)
+    assert c.train.steps > 0 and c.data.seq_len > 0
+    if stage:
+      assert c.stage == stage
+
+
+def test_unknown_stage_is_a_clear_error():
+  with pytest.raises(ValueError, match="stage='finetune'.*pretrain"):
+    configs.mm15("3b", "finetune")
+
+
+def test_learning_rate_rule_matches_the_spec():
+  # MM15_SPEC.md: 1B 9.3e-5, 3B 5.8e-5, 7B 4.1e-5, 30B 2.2e-5.
+  for n, expected in [(1e9, 9.3e-5), (3e9, 5.8e-5), (7e9, 4.1e-5), (30e9, 2.2e-5)]:
+    assert configs.peak_learning_rate(n) == pytest.approx(expected, rel=0.03)
+
+
+def hand_count_llm(size, vocab):
+  """Parameters of a Llama-style decoder, counted by hand from the size table."""
+  s = configs.LLM_SIZES[size]
+  d, f, h, kv = s["d_model"], s["mlp_dim"], s["n_heads"], s["n_kv_heads"]
+  hd = d // h
+  attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+  mlp = 3 * d * f
+  norms = 2 * d
+  return s["n_layers"] * (attn + mlp + norms) + 2 * vocab * d + d
+
+
+@pytest.mark.parametrize("size", ["1b", "3b", "7b", "30b"])
+def test_paper_sizes_param_count(size):
+  c = configs.mm15(size, "pretrain")
+  s = summary_lib.summarize(c, devices=256)  # abstract: nothing is allocated
+  nominal = configs.NOMINAL_PARAMS[size]
+  assert abs(s["llm"]["params"] - nominal) / nominal < 0.25, s["llm"]
+  assert s["llm"]["params"] == hand_count_llm(size, c.model.llm.vocab_size)
+  # ViT-H/14 at 378 px: ~632M params (open_clip's visual tower, without its projection).
+  assert 0.6e9 < s["vit"]["params"] < 0.66e9
+  assert s["total"]["params"] == s["vit"]["params"] + s["connector"]["params"] + s["llm"]["params"]
+  # fsdp over 256 chips: every decoder matrix has an `embed` dimension, so its fp32 params
+  # and two Adam moments (12 bytes a param) are split 256 ways; the RMSNorm scales
+  # (2 per layer + the final one) stay whole.
+  llm = configs.LLM_SIZES[size]
+  norms = (2 * llm["n_layers"] + 1) * llm["d_model"]
+  assert s["llm"]["bytes_per_chip"] == pytest.approx((s["llm"]["params"] - norms) * 12 / 256 + norms * 12, abs=16)
+  assert s["total"]["bytes_per_chip"] >= s["total"]["params"] * 12 // 256
+
+
+def test_summary_cli_json():
+  out = subprocess.run(
+      [sys.executable, "-m", "mm15_jax.summary", "--config", os.path.join(ROOT, "experiments", "tiny.py"), "--json"],
+      capture_output=True, text=True, check=True, cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  s = json.loads(out.stdout)
+  assert {"total", "vit", "connector", "llm"} <= set(s)
+  assert s["total"]["params"] == sum(s[k]["params"] for k in ("vit", "connector", "llm")) > 0
