@@ -71,6 +71,7 @@ def main():
   parser.add_argument("--preset", default="maxtext_cpu", choices=sorted(PRESETS))
   parser.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
   parser.add_argument("--remat", default=None, choices=[None, "none", "full", "dots"])
+  parser.add_argument("--scan_unroll", type=int, default=1)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=0)
   args = parser.parse_args()
@@ -79,6 +80,7 @@ def main():
   if args.batch:
     preset["batch"] = args.batch
   config = make_config(preset, args.attention, args.remat)
+  config.model.scan_unroll = args.scan_unroll
   mesh = shd.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
   state = state_lib.init_state(setup)
@@ -110,7 +112,7 @@ def main():
   tokens = config.train.batch_size * config.data.seq_len
   result = dict(
       preset=args.preset, device=jax.devices()[0].device_kind, devices=n_dev, backend=jax.default_backend(),
-      attention=args.attention, remat=config.model.remat, dtype=config.model.dtype,
+      attention=args.attention, remat=config.model.remat, scan_unroll=args.scan_unroll, dtype=config.model.dtype,
       params=counts["total"], batch=config.train.batch_size, seq=config.data.seq_len,
       step_s=seconds, tokens_per_s=tokens / seconds, compile_s=compile_s,
       model_tflops_per_s=step_flops / seconds / 1e12,

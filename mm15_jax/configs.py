@@ -53,6 +53,7 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
       dtype="bfloat16",  # compute dtype
       param_dtype="float32",  # master weights
       remat="full",  # "none" | "full" | "dots" (save matmul outputs)
+      scan_unroll=1,  # layers per scan iteration; >1 helps CPUs, costs compile time
       attention_impl="xla",  # "xla" | "cudnn" | "splash"
   ))
 

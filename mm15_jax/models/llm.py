@@ -47,12 +47,13 @@ def remat_policy(remat: str):
   }.get(remat)
 
 
-def scan_layers(layers, x, *args, remat: str = "none"):
+def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1):
   """Runs stacked `layers` over `x` with `jax.lax.scan`: compile time does not grow with depth.
 
   `layers(x, *args) -> x` is one block; `args` are the same for every layer. A plain
   `jax.lax.scan` over the split state (rather than `nnx.scan`) also works when the module is
-  closed over by `jax.jit`, as inference code tends to do.
+  closed over by `jax.jit`, as inference code tends to do. `unroll` > 1 trades compile time
+  for speed where loop overhead shows (CPUs).
   """
   graphdef, state = nnx.split(layers)
 
@@ -61,7 +62,7 @@ def scan_layers(layers, x, *args, remat: str = "none"):
 
   if remat != "none":
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, state)
+  x, _ = jax.lax.scan(body, x, state, unroll=unroll)
   return x
 
 
@@ -133,7 +134,7 @@ class Decoder(nnx.Module):
   """Token embedding -> `n_layers` scanned DecoderBlocks -> RMSNorm -> LM head (float32 logits)."""
 
   def __init__(self, config, *, dtype="float32", param_dtype="float32", remat="none",
-               attention_impl="xla", rngs: nnx.Rngs):
+               attention_impl="xla", scan_unroll: int = 1, rngs: nnx.Rngs):
     if config.n_heads % config.n_kv_heads:
       raise ValueError(f"config.model.llm: n_heads={config.n_heads} is not a multiple of "
                        f"n_kv_heads={config.n_kv_heads}")
@@ -143,6 +144,7 @@ class Decoder(nnx.Module):
     remat_policy(remat)
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     self.dtype, self.remat, self.tie = dtype, remat, bool(config.tie_embeddings)
+    self.scan_unroll = scan_unroll
     d, vocab = config.d_model, config.vocab_size
     # Std 1/sqrt(d): O(1) logits when the table doubles as the LM head.
     self.embedding = param(rngs, dense_init(1), (vocab, d), ("vocab", "embed"), param_dtype)
@@ -162,7 +164,7 @@ class Decoder(nnx.Module):
   def decode(self, x, positions, segment_ids):
     """x: [batch, length, embed]; positions, segment_ids: int [batch, length] -> float32 [batch, length, vocab]."""
     x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
-    x = scan_layers(self.layers, x, positions, segment_ids, remat=self.remat)
+    x = scan_layers(self.layers, x, positions, segment_ids, remat=self.remat, unroll=self.scan_unroll)
     x = self.final_norm(x)
     if self.tie:
       head = self.embedding[...].astype(self.dtype).T

@@ -14,7 +14,7 @@ class MM15(nnx.Module):
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     common = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
-                  attention_impl=config.attention_impl, rngs=rngs)
+                  attention_impl=config.attention_impl, scan_unroll=config.scan_unroll, rngs=rngs)
     self.vit = VisionTransformer(config.vit, **common)
     self.connector = make_connector(config, rngs)
     self.llm = Decoder(config.llm, **common)

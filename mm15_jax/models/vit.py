@@ -94,7 +94,7 @@ class ViTBlock(nnx.Module):
 class VisionTransformer(nnx.Module):
   """images [n, H, W, 3] -> patch features [n, (H/p) * (W/p), width]."""
 
-  def __init__(self, config, *, dtype="float32", param_dtype="float32", remat="none",
+  def __init__(self, config, *, dtype="float32", param_dtype="float32", remat="none", scan_unroll: int = 1,
                attention_impl="xla", rngs: nnx.Rngs):
     if config.act not in ACTS:
       raise ValueError(f"config.model.vit.act={config.act!r}: expected one of {sorted(ACTS)}")
@@ -107,6 +107,7 @@ class VisionTransformer(nnx.Module):
     remat_policy(remat)
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     self.dtype, self.remat, self.patch_size = dtype, remat, config.patch_size
+    self.scan_unroll = scan_unroll
     p, d, g = config.patch_size, config.width, config.image_size // config.patch_size
     emb = jax.nn.initializers.normal(d ** -0.5)  # CLIP's scale for class and position embeddings
     # Conv kernel layout [p, p, 3, width] (open_clip's conv1, transposed), applied as a matmul.
@@ -135,5 +136,5 @@ class VisionTransformer(nnx.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cls.shape[-1])), x], axis=1)
     x = constrain(self.ln_pre(x), ("batch", "length", "embed"))
     segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-    x = scan_layers(self.layers, x, segment_ids, remat=self.remat)
+    x = scan_layers(self.layers, x, segment_ids, remat=self.remat, unroll=self.scan_unroll)
     return x[:, 1:]  # patch tokens only: [n, gh * gw, width]

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite recorded in benchmarks/RESULTS.md; writes one JSON line per run.
+#   OUT=/tmp/results bash benchmarks/gpu_suite.sh
+set -u
+out=${OUT:-.}/train_step.jsonl
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "${OUT:-.}/gpu.txt"
+run() { timeout 240 python3 benchmarks/train_step.py --steps=10 "$@" 2>&1 | grep '^{' | tee -a "$out"; }
+run --preset=llm_1b --attention=cudnn --remat=full
+run --preset=llm_1b --attention=cudnn --remat=dots
+run --preset=llm_1b --attention=xla --remat=full
+run --preset=mm15_1b --attention=cudnn --remat=full
