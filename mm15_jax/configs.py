@@ -6,7 +6,9 @@ AXLearn's public "fuji" family (Apple did not publish MM1.5's), the encoder is t
 open_clip ViT-H/14-378 shape, the connector is honeybee's C-Abstractor.
 """
 
+import importlib.util
 import math
+import os
 
 import ml_collections
 
@@ -167,3 +169,14 @@ def base() -> ml_collections.ConfigDict:
   c.eval = dict(every=0, batches=4)  # every=0: evaluate only at the end
   c.log_every = 10
   return c
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """`FILE` or `FILE:arg` -> the ConfigDict it returns, as `--config=` would load it."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"experiment file {path!r} not found (from {spec!r})")
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

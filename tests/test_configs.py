@@ -7,9 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (loads experiment files)
-from ml_collections.config_flags import config_flags as cf
-
 from mm15_jax import configs
 from mm15_jax import summary as summary_lib
 
@@ -17,8 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(path, arg=None):
-  spec = f"{path}:{arg}" if arg else path
-  return cf._ConfigFileParser(name="config").parse(spec)  # the parser behind --config=FILE:arg
+  return configs.load_experiment(f"{path}:{arg}" if arg else path)
 
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))

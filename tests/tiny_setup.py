@@ -1,23 +1,20 @@
 """Small configs and batches shared by the training tests."""
 
+import os
+
 import jax
 import numpy as np
 
 import data_pipelines
+from mm15_jax import configs
 from mm15_jax import sharding as shd
 from mm15_jax.train import state as state_lib
 
-ROOT_EXPERIMENT = "experiments/tiny.py"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ROOT_EXPERIMENT)
-  spec = importlib.util.spec_from_file_location("tiny_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = configs.load_experiment(os.path.join(ROOT, "experiments", "tiny.py"))
   c.train.batch_size = 8
   c.data.num_examples = 256
   c.data.prefetch = 1
