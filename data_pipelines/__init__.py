@@ -5,8 +5,7 @@ The trainer sees only the batch dicts of mm15_jax/batch.py that these functions 
 
 from data_pipelines.pipeline import make_eval_batches
 from data_pipelines.pipeline import make_train_dataset
-from data_pipelines.sequence import SequenceBuilder
-from data_pipelines.shapes import ShapesSource
+from data_pipelines.sequence import ExampleBuilder
 from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.tokenizer import check_vocab
 from data_pipelines.tokenizer import load_tokenizer

@@ -1,20 +1,54 @@
-"""One example -> one row of the batch (mm15_jax/batch.py): chat template, masks, image slots.
+"""Records -> examples: the chat template, loss masks and the image blocks of a sequence.
 
-Chat template, at the token level (each quoted span is encoded on its own; sentencepiece
-starts every span at a word boundary, so spans read as separated by a space):
+An Example (one record, unpacked; packing.py packs several into a batch row) is a dict:
 
-  <bos> "User:" <image> x (tiles * K) "{question}" "Assistant:" "{answer}" <eos>
+  tokens       int32   [n]            ids, n <= data.seq_len
+  loss_on      float32 [n]            1 where tokens[i] is a trained target (predicted from
+                                      tokens[i-1]); loss_on[0] = 0
+  image_slots  int32   [tiles*K]      positions of the <image> tokens in tokens, tile-major
+  tiles        uint8   [tiles, S, S, 3]  the AnyRes tiles of all images, in order
+  kind_id      int32   scalar         records.KINDS index
+  skipped      int32   scalar         1: a placeholder for a corrupt/malformed record
+                                      (no tokens, no tiles), dropped and counted by packing
 
-decoded: `User:<image><image><image><image> What color is the circle? Assistant: red`.
-The `<image>` ids are inserted as ids, never parsed out of user text, and each run of
-K = model.connector.tokens_per_tile of them is one tile's slots for the connector output.
-The loss is on the answer and the final <eos> only.
+Token layout (each quoted span is encoded on its own; sentencepiece starts every span at a
+word boundary, so spans decode separated by a space). Conversations (user/assistant turns,
+any number, loss on every assistant turn's text and the <eos> that closes it):
+
+  <bos> "User:" {content} "Assistant:" {answer} <eos> "User:" {content} "Assistant:" ...
+
+Documents (caption, interleaved, text: "text" messages, loss on all text and the <eos>):
+
+  <bos> {text} {text} ... <eos>
+
+Each IMAGE_MARKER in a content is replaced by the image's block: per tile, the position
+indicator (below) then K = model.connector.tokens_per_tile <image> ids (inserted as ids,
+never parsed out of text); tiles are sub-images row-major, then the overview. No loss is on
+a block. Indicators (data.anyres.indicators), for image k (from 1) of grid rows x cols:
+  "index": a text span before each tile: "Image k row i col j:" (i, j from 1) for a
+           sub-image, "Image k overview:" for the overview, "Image k:" for an unsplit image;
+  "seps":  single tokens "," after each sub-image but the last of its row, "\\n" after each
+           row, ":" before the overview (an unsplit image has none);
+  "none":  nothing.
+So `User:<image>... Assistant: red` is a one-image single-turn conversation with "none".
+
+Overlong (more than data.seq_len tokens or data.max_tiles tiles): data.overlong="drop"
+returns None (grain drops it); "truncate" keeps the longest prefix that fits and never
+cuts an image block: the cut moves back to the start of the first block that does not fit
+(in tokens or tiles), and that image and all later ones are dropped with their tiles. An
+example left with nothing to train on is dropped (None).
 """
 
 import numpy as np
 
+from data_pipelines import anyres as anyres_lib
+from data_pipelines import coordinates
+from data_pipelines import records
+
 USER = "User:"
 ASSISTANT = "Assistant:"
+INDICATORS = ("index", "seps", "none")
+OVERLONG = ("drop", "truncate")
 
 # open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD (CLIP and DFN ViTs expect these).
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
@@ -26,74 +60,142 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
   return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
-class SequenceBuilder:
-  """Callable for `grain.MapDataset.map`: example dict -> batch-row dict of numpy arrays.
+def _get(d, key, default):
+  return d.get(key, default) if hasattr(d, "get") else getattr(d, key, default)
 
-  An example is a dict with `image` uint8 [S, S, 3] (one tile) or [tiles, S, S, 3],
-  `question` and `answer` str. An example longer than seq_len is never cut (that could
-  split an image's slots): it raises, or with drop_overlong=True maps to None, which
-  grain drops.
-  """
 
-  def __init__(self, tokenizer, *, seq_len: int, max_tiles: int, image_size: int, tokens_per_tile: int,
-               drop_overlong: bool = False):
+def index_text(k: int, layout, t: int) -> str:
+  """The "index" indicator of tile t (from 0) of image k (from 1)."""
+  if not layout.split:
+    return f"Image {k}:"
+  rows, cols = layout.grid
+  if t == rows * cols:
+    return f"Image {k} overview:"
+  return f"Image {k} row {t // cols + 1} col {t % cols + 1}:"
+
+
+def _piece_ids(tokenizer, piece: str) -> list[int]:
+  """One id for a vocabulary piece (byte pieces like "<0x0A>" included), else its encoding."""
+  i = tokenizer.piece_to_id(piece)
+  return [i] if i is not None else tokenizer.encode(piece)
+
+
+class ExampleBuilder:
+  """Callable for grain `map`: record (records.py schema, images decoded) -> Example | None."""
+
+  def __init__(self, tokenizer, *, seq_len: int, tile: int, tokens_per_tile: int, anyres=None,
+               indicators: str = "none", overlong: str = "drop", max_tiles: int | None = None):
+    if indicators not in INDICATORS:
+      raise ValueError(f"data.anyres.indicators={indicators!r}; choose one of {INDICATORS}")
+    if overlong not in OVERLONG:
+      raise ValueError(f"data.overlong={overlong!r}; choose one of {OVERLONG}")
     self.tokenizer = tokenizer
-    self.seq_len, self.max_tiles, self.image_size = seq_len, max_tiles, image_size
-    self.tokens_per_tile, self.drop_overlong = tokens_per_tile, drop_overlong
+    self.seq_len, self.tile, self.k = seq_len, tile, tokens_per_tile
+    self.anyres = anyres if anyres is not None else dict(enabled=False)
+    self.indicators, self.overlong = indicators, overlong
+    self.max_tiles = max_tiles if max_tiles is not None else np.iinfo(np.int32).max
+    self._user, self._assistant = tokenizer.encode(USER), tokenizer.encode(ASSISTANT)
+    self._seps = {s: _piece_ids(tokenizer, p) for s, p in ((",", ","), ("\n", "<0x0A>"), (":", ":"))}
 
   @classmethod
-  def from_config(cls, config, tokenizer, drop_overlong: bool = False) -> "SequenceBuilder":
-    return cls(tokenizer, seq_len=config.data.seq_len, max_tiles=config.data.max_tiles,
-               image_size=config.model.vit.image_size,
-               tokens_per_tile=config.model.connector.tokens_per_tile, drop_overlong=drop_overlong)
+  def from_config(cls, config, tokenizer) -> "ExampleBuilder":
+    anyres = _get(config.data, "anyres", None) or dict(enabled=False)
+    return cls(tokenizer, seq_len=config.data.seq_len, tile=config.model.vit.image_size,
+               tokens_per_tile=config.model.connector.tokens_per_tile, anyres=anyres,
+               indicators=_get(anyres, "indicators", "none"), overlong=_get(config.data, "overlong", "drop"),
+               max_tiles=config.data.max_tiles)
 
-  def token_ids(self, question: str, answer: str, tiles: int) -> tuple[list[int], int]:
-    """(ids, prompt_len): ids[prompt_len:] are the answer and <eos>."""
-    tok = self.tokenizer
-    prompt = ([tok.bos_id] + tok.encode(USER) + [tok.image_id] * (tiles * self.tokens_per_tile)
-              + tok.encode(question) + tok.encode(ASSISTANT))
-    return prompt + tok.encode(answer) + [tok.eos_id], len(prompt)
+  def skipped(self, kind_id: int = -1) -> dict:
+    """The placeholder Example of a corrupt/malformed record (packing counts and drops it)."""
+    return dict(tokens=np.zeros(0, np.int32), loss_on=np.zeros(0, np.float32), image_slots=np.zeros(0, np.int32),
+                tiles=np.zeros((0, self.tile, self.tile, 3), np.uint8), kind_id=np.int32(kind_id),
+                skipped=np.int32(1))
 
-  def __call__(self, example: dict) -> dict | None:
-    tiles_u8 = example["image"]
-    if tiles_u8.ndim == 3:
-      tiles_u8 = tiles_u8[None]
-    tiles, s = tiles_u8.shape[0], self.image_size
-    if tiles_u8.shape[1:] != (s, s, 3) or tiles_u8.dtype != np.uint8:
-      raise ValueError(f"example image has shape {tiles_u8.shape} {tiles_u8.dtype}, expected uint8 [tiles, {s}, {s}, 3] "
-                       "(model.vit.image_size)")
-    if tiles > self.max_tiles:
-      raise ValueError(f"example has {tiles} image tiles but data.max_tiles={self.max_tiles}; raise data.max_tiles")
+  def _block(self, k: int, layout) -> tuple[list[int], list[int]]:
+    """(ids, slot offsets within ids) of image k's block."""
+    ids, slots = [], []
+    rows, cols = layout.grid
+    for t in range(layout.num_tiles):
+      if self.indicators == "index":
+        ids += self.tokenizer.encode(index_text(k, layout, t))
+      elif self.indicators == "seps" and layout.split and t == rows * cols:
+        ids += self._seps[":"]
+      slots += range(len(ids), len(ids) + self.k)
+      ids += [self.tokenizer.image_id] * self.k
+      if self.indicators == "seps" and layout.split and t < rows * cols:
+        ids += self._seps["," if t % cols < cols - 1 else "\n"]
+    return ids, slots
 
-    ids, prompt_len = self.token_ids(example["question"], example["answer"], tiles)
-    n, length = len(ids), self.seq_len
-    if n > length:
-      if self.drop_overlong:
+  def _layout_tokens(self, messages, layouts):
+    """ids, loss (lists) and the image blocks as (start, end, slot positions)."""
+    roles = {m["role"] for m in messages}
+    if roles - {"text"} and "text" in roles:
+      raise records.MalformedRecord(f"messages mix 'text' with chat roles {sorted(roles)}")
+    chat = "text" not in roles
+    ids, loss, blocks = [self.tokenizer.bos_id], [0.0], []
+
+    def add(new, on):
+      ids.extend(new)
+      loss.extend([float(on)] * len(new))
+
+    for m in messages:
+      trained = m["role"] != "user"  # assistant turns; every text message of a document
+      if m["role"] != "text":
+        add(self._user if m["role"] == "user" else self._assistant, False)
+      for i, span in enumerate(m["content"].split(records.IMAGE_MARKER)):
+        if i:  # a marker preceded this span
+          k = len(blocks)
+          if k >= len(layouts):
+            raise records.MalformedRecord(f"more {records.IMAGE_MARKER!r} markers than images ({len(layouts)})")
+          block, slots = self._block(k + 1, layouts[k])
+          blocks.append((len(ids), len(ids) + len(block), [len(ids) + s for s in slots]))
+          add(block, False)
+        add(self.tokenizer.encode(span), trained)
+      if m["role"] == "assistant":
+        add([self.tokenizer.eos_id], True)
+    if not chat:
+      add([self.tokenizer.eos_id], True)
+    if len(blocks) != len(layouts):
+      raise records.MalformedRecord(f"{len(blocks)} {records.IMAGE_MARKER!r} markers but {len(layouts)} images")
+    return ids, loss, blocks
+
+  def __call__(self, record: dict | None) -> dict | None:
+    """A record, or {"skipped": 1, ...} for one that failed to decode -> Example (skipped=1 for
+    those and for records whose markers/roles do not add up), or None to drop (overlong).
+    grain's map passes None elements through without calling this, so a failure must arrive
+    as a {"skipped": 1} dict to be counted."""
+    if record is None or record.get("skipped"):
+      return self.skipped()
+    kind_id = records.KINDS.index(record["kind"]) if record.get("kind") in records.KINDS else -1
+    try:
+      images = record.get("images", [])
+      layouts = anyres_lib.plan_images([im.shape[:2] for im in images], tile=self.tile, anyres=self.anyres)
+      messages = record["messages"]
+      if record.get("coords") == "image" and len(images) == 1:
+        messages = [dict(m, content=coordinates.remap_text(m["content"], layouts[0])) for m in messages]
+      ids, loss, blocks = self._layout_tokens(messages, layouts)
+    except (records.MalformedRecord, KeyError, ValueError):
+      return self.skipped(kind_id)  # packing counts it; records.decode names the field upstream
+
+    # Overlong: keep the longest prefix in budget, never cutting a block (module docstring).
+    cut, kept, tiles = len(ids), len(blocks), 0
+    for i, (start, end, _) in enumerate(blocks):
+      tiles += layouts[i].num_tiles
+      if end > self.seq_len or tiles > self.max_tiles:
+        cut, kept = start, i
+        break
+    cut = min(cut, self.seq_len)
+    if cut < len(ids) or kept < len(blocks):
+      if self.overlong == "drop":
         return None
-      raise ValueError(
-          f"example has {n} tokens ({tiles} tile(s) x {self.tokens_per_tile} image tokens + text) but "
-          f"data.seq_len={length}; raise it, e.g. --config.data.seq_len={n}, or drop such examples "
-          f"(drop_overlong=True). Question: {example['question']!r}")
+      ids, loss = ids[:cut], loss[:cut]
+      if not any(loss):
+        return None
 
-    pad = self.tokenizer.pad_id
-    tokens = np.full(length, pad, np.int32)
-    tokens[:n] = ids
-    targets = np.full(length, pad, np.int32)
-    targets[:n - 1] = ids[1:]
-    loss_mask = np.zeros(length, np.float32)
-    loss_mask[prompt_len - 1:n - 1] = 1.0  # positions whose target is an answer token or <eos>
-    segment_ids = np.zeros(length, np.int32)
-    segment_ids[:n] = 1
-    positions = np.zeros(length, np.int32)
-    positions[:n] = np.arange(n)
-
-    images = np.zeros((self.max_tiles, s, s, 3), np.float32)
-    images[:tiles] = normalize_image(tiles_u8)
-    image_token_positions = np.full(self.max_tiles * self.tokens_per_tile, -1, np.int32)
-    slots = np.flatnonzero(tokens[:n] == self.tokenizer.image_id)
-    if len(slots) != tiles * self.tokens_per_tile:  # "<image>" typed in the text would steal a slot
-      raise ValueError(f"example has {len(slots)} image tokens, expected {tiles * self.tokens_per_tile}; "
-                       f"its text contains the image placeholder: {example['question']!r} {example['answer']!r}")
-    image_token_positions[:len(slots)] = slots
-    return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids,
-                positions=positions, images=images, image_token_positions=image_token_positions)
+    slots = [p for _, _, block_slots in blocks[:kept] for p in block_slots]
+    t = self.tile
+    tiles_u8 = [anyres_lib.render_tiles(images[i], layouts[i]) for i in range(kept)]
+    return dict(tokens=np.asarray(ids, np.int32), loss_on=np.asarray(loss, np.float32),
+                image_slots=np.asarray(slots, np.int32).reshape(-1),
+                tiles=np.concatenate(tiles_u8) if tiles_u8 else np.zeros((0, t, t, 3), np.uint8),
+                kind_id=np.int32(kind_id), skipped=np.int32(0))

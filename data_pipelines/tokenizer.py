@@ -1,12 +1,13 @@
 """A small SentencePiece tokenizer that the project builds from its own text (no download).
 
-Trained on the built-in dataset's questions and answers (shapes.corpus), the chat
-template's words and the digits. BPE, one thread, no sampling: the same settings give the
+Trained on the built-in mixture's text (builtin.corpus), the chat template's and the tile
+indicators' words and the digits. BPE, one thread, no sampling: the same settings give the
 same model bytes, so the model is cached under a hash of its settings. Byte fallback
 makes any text encodable (unknown characters become UTF-8 byte pieces, never <unk>);
 split_digits makes "[123, 45]" one piece per digit, so coordinates tokenise predictably.
 """
 
+import functools
 import hashlib
 import io
 import json
@@ -15,15 +16,15 @@ import tempfile
 
 import sentencepiece as spm
 
+from data_pipelines import builtin
 from data_pipelines import sequence
-from data_pipelines import shapes
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 IMAGE_TOKEN = "<image>"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "mm15_jax", "tokenizer")
 
 # Bump when the corpus or the settings change meaning without changing the text below.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 _TRAINER_ARGS = dict(
     model_type="bpe",
     pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
@@ -50,6 +51,11 @@ class Tokenizer:
     self.image_id = self._sp.piece_to_id(IMAGE_TOKEN)
     self.vocab_size = self._sp.get_piece_size()
 
+  def piece_to_id(self, piece: str) -> int | None:
+    """The id of one vocabulary piece (e.g. the byte piece "<0x0A>"), or None if absent."""
+    i = self._sp.piece_to_id(piece)
+    return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
+
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
@@ -64,8 +70,10 @@ class Tokenizer:
     self.__init__(state["model_proto"])
 
 
-def corpus() -> list[str]:
-  return shapes.corpus() + [sequence.USER, sequence.ASSISTANT, " ".join("0123456789")]
+@functools.lru_cache(maxsize=1)
+def corpus() -> tuple[str, ...]:
+  indicators = ["Image 1 row 1 col 2:", "Image 2 row 3 col 1:", "Image 3 overview:", "Image 4:"]
+  return tuple(builtin.corpus() + indicators + [sequence.USER, sequence.ASSISTANT, " ".join("0123456789")])
 
 
 def _train(vocab_size: int, lines: list[str]) -> bytes:
@@ -75,8 +83,8 @@ def _train(vocab_size: int, lines: list[str]) -> bytes:
                                    **_TRAINER_ARGS)
   except RuntimeError as e:
     if "Vocabulary size too high" in str(e):
-      raise ValueError(f"the built-in tokenizer cannot have vocab_size={vocab_size}: its corpus (the shapes "
-                       f"dataset's text) supports fewer pieces ({e}). Set config.model.llm.vocab_size to that "
+      raise ValueError(f"the built-in tokenizer cannot have vocab_size={vocab_size}: its corpus (the built-in "
+                       f"mixture's text) supports fewer pieces ({e}). Set config.model.llm.vocab_size to that "
                        "value or less (e.g. 512 for the tiny model).") from e
     raise
   return out.getvalue()
@@ -89,7 +97,7 @@ def load_tokenizer(vocab_size: int, cache_dir: str | None = None) -> Tokenizer:
   written atomically so concurrent builders (several hosts on one disk) never read a
   partial file.
   """
-  lines = corpus()
+  lines = list(corpus())
   settings = dict(version=_BUILD_VERSION, sentencepiece=spm.__version__, vocab_size=vocab_size,
                   args=_TRAINER_ARGS, corpus=lines)
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

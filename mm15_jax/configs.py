@@ -74,6 +74,39 @@ DEFAULT_RULES = (
 
 STAGES = ("pretrain", "cpt", "sft")
 
+# Built-in mixture weights (data_pipelines/builtin MIXTURES["sft"]), typed here so a config
+# file reads without importing the data code.
+BUILTIN_SFT = {"text_rich": 0.34, "refer": 0.12, "ground": 0.12, "qa": 0.12, "counting": 0.10,
+               "multi_image": 0.10, "text_chat": 0.10}
+
+# The paper's mixtures over ArrayRecord files under config.data.root (prepare them with
+# `python -m data_pipelines.convert`). SFT: w_single 0.8 split by the spec's category mix
+# (text-rich 37.2, refer&ground 22.5, general 11.3, math 5.6, code 2.3, science 1.1 of the
+# whole), w_multi 0.1, w_text 0.1.
+PAPER_MIXTURES = {
+    "pretrain": {"captions": 0.5, "interleaved": 0.1, "text": 0.4},
+    "cpt": {"ocr": 1.0},
+    "sft": {"text_rich": 0.372, "refer_ground": 0.225, "general": 0.113, "math": 0.056, "code": 0.023,
+            "science": 0.011, "multi_image": 0.1, "text": 0.1},
+}
+
+
+def paper_sources(stage: str, root: str = "data/mm15") -> dict:
+  return {name: dict(kind="array_record", weight=w, paths=f"{root}/{stage}/{name}-*.array_record",
+                     eval_paths=f"{root}/{stage}/{name}_eval-*.array_record")
+          for name, w in PAPER_MIXTURES[stage].items()}
+
+
+# Per stage: tile size, tiles per row, AnyRes, steps, batch, learning rate (None: the size
+# rule), the stage whose checkpoint it starts from.
+STAGE_SETTINGS = {
+    # Pretraining: 378 px tiles, up to 16 images per sequence, no splitting.
+    "pretrain": dict(image_size=378, max_tiles=16, anyres=False, steps=200_000, batch=512, lr=None, start=""),
+    # High-resolution OCR continual pretraining: 672 px tiles, AnyRes (4, 9) + overview.
+    "cpt": dict(image_size=672, max_tiles=10, anyres=True, steps=30_000, batch=256, lr=1e-5, start="pretrain"),
+    "sft": dict(image_size=672, max_tiles=10, anyres=True, steps=23_000, batch=256, lr=2e-5, start="cpt"),
+}
+
 
 def mm15(size: str = "3b", stage: str = "pretrain") -> ml_collections.ConfigDict:
   """The full MM1.5 recipe for one paper size and one training stage."""
@@ -83,43 +116,16 @@ def mm15(size: str = "3b", stage: str = "pretrain") -> ml_collections.ConfigDict
     raise ValueError(f"stage={stage!r}: expected one of {STAGES} (e.g. experiments/mm15_3b.py:sft)")
   c = base()
   c.stage = stage
-  lr = peak_learning_rate(NOMINAL_PARAMS[size])
-  if stage == "pretrain":
-    # MM1.5 pretraining: 378 px tiles, up to 16 images per sequence, no splitting.
-    c.model = model_config(size, "H/14", image_size=378, vocab_size=32768)
-    c.data.name = "mixture"
-    c.data.mixture = dict(captions=0.5, interleaved=0.1, text=0.4)
-    c.data.seq_len = 4096
-    c.data.max_tiles = 16
-    c.data.anyres = dict(enabled=False, n_min=1, n_max=1)
-    c.train.steps = 200_000
-    c.train.batch_size = 512
-    c.train.lr = lr
-    c.init.from_checkpoint = ""
-  elif stage == "cpt":
-    # High-resolution OCR continual pretraining: 672 px tiles, AnyRes (4, 9) + overview.
-    c.model = model_config(size, "H/14", image_size=672, vocab_size=32768)
-    c.data.name = "mixture"
-    c.data.mixture = dict(ocr=1.0)
-    c.data.seq_len = 4096
-    c.data.max_tiles = 10
-    c.data.anyres = dict(enabled=True, n_min=4, n_max=9)
-    c.train.steps = 30_000
-    c.train.batch_size = 256
-    c.train.lr = 1e-5
-    c.init.from_checkpoint = f"checkpoints/mm15_{size}_pretrain"
-  else:
-    # SFT: w_single 0.8, w_multi 0.1, w_text 0.1 (categories inside w_single per the spec).
-    c.model = model_config(size, "H/14", image_size=672, vocab_size=32768)
-    c.data.name = "mixture"
-    c.data.mixture = dict(single_image=0.8, multi_image=0.1, text=0.1)
-    c.data.seq_len = 4096
-    c.data.max_tiles = 10
-    c.data.anyres = dict(enabled=True, n_min=4, n_max=9)
-    c.train.steps = 23_000
-    c.train.batch_size = 256
-    c.train.lr = 2e-5
-    c.init.from_checkpoint = f"checkpoints/mm15_{size}_cpt"
+  st = STAGE_SETTINGS[stage]
+  c.model = model_config(size, "H/14", image_size=st["image_size"], vocab_size=32768)
+  c.data.sources = paper_sources(stage)
+  c.data.seq_len = 4096
+  c.data.max_tiles = st["max_tiles"]
+  c.data.anyres = dict(enabled=st["anyres"], n_min=4, n_max=9, split_max_images=2, indicators="index")
+  c.train.steps = st["steps"]
+  c.train.batch_size = st["batch"]
+  c.train.lr = st["lr"] or peak_learning_rate(NOMINAL_PARAMS[size])
+  c.init.from_checkpoint = f"checkpoints/mm15_{size}_{st['start']}" if st["start"] else ""
   # MM1's decoupled weight decay is 0.1 * eta; optax's AdamW multiplies its coefficient by
   # the scheduled learning rate, so the coefficient itself is 0.1.
   c.train.weight_decay = 0.1
@@ -137,14 +143,20 @@ def base() -> ml_collections.ConfigDict:
   # Mesh axis sizes; -1 means "all remaining devices".
   c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   c.sharding_rules = DEFAULT_RULES
+  # The built-in SFT-like mixture (data_pipelines/builtin): single-image 0.8, multi 0.1, text 0.1.
   c.data = dict(
-      name="shapes",  # built-in generated data; "mixture" for the MM1.5 recipe
-      mixture={},
-      seq_len=64,
-      max_tiles=1,  # image tiles per sequence (overview + sub-images of all its images)
-      anyres=dict(enabled=False, n_min=1, n_max=1),
-      num_examples=4096,  # size of the built-in dataset
-      eval_examples=256,
+      sources={name: dict(kind="builtin", weight=w) for name, w in BUILTIN_SFT.items()},
+      seq_len=256,
+      max_tiles=16,  # image tiles per packed row (overview + sub-images of all its images)
+      # AnyRes: n_min..n_max sub-images + overview per image when a sample has <= split_max_images
+      # images; indicators "index" | "seps" | "none" name the tiles in the text.
+      anyres=dict(enabled=True, n_min=1, n_max=4, split_max_images=2, indicators="index"),
+      overlong="drop",  # "drop" | "truncate" (never inside an image)
+      pack_bins=8,  # rows filled at once by the packer
+      num_examples=100_000,  # records per built-in source
+      eval_examples=512,
+      image_scale=1.0,  # built-in images are 24..96 px times this
+      num_workers=0,  # grain worker processes for decoding and tiling (0: in the main process)
       prefetch=2,  # batches put on devices ahead of the step
   )
   c.train = dict(

@@ -1,9 +1,10 @@
-"""data_pipelines: tokenizer, shapes dataset, sequences and grain batches.
+"""data_pipelines: tokenizer, mixtures, the packed grain pipeline, resume, hosts, skips.
 
 References are computed here by hand (pixel masks, the CLIP constants, token layout),
 never by calling the code under test a second way.
 """
 
+import json
 import re
 
 import grain
@@ -12,7 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import data_pipelines as dp
-from data_pipelines import shapes
+from data_pipelines import mixture
+from data_pipelines import records
 from mm15_jax import batch as batch_lib
 from mm15_jax import configs
 
@@ -26,7 +28,9 @@ NUMBERS = re.compile(r"\[([\d, ]+)\]")
 def tiny_config(**data):
   c = configs.base()
   c.model.connector.tokens_per_tile = K
-  c.data.update(data)
+  c.data.num_examples = 64
+  for key, value in data.items():  # assignment replaces (ConfigDict.update would merge sources)
+    c.data[key] = value
   return c
 
 
@@ -39,8 +43,6 @@ def rows(batch):
   return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["tokens"]))]
 
 
-def row_key(row):
-  return row["tokens"].tobytes() + row["images"].tobytes()
 
 
 def take(it, n):
@@ -97,196 +99,59 @@ def test_vocab_mismatch_is_a_clear_error(tok):
     dp.load_tokenizer(100_000)
 
 
-# --- shapes dataset ----------------------------------------------------------
+# --- mixtures and the packed pipeline --------------------------------------
 
-def colour_mask(image, name):
-  return np.all(image == np.array(shapes.COLORS[name], np.uint8), axis=-1)
+def without_counts(batch):
+  return {k: v for k, v in batch.items() if k != "num_skipped"}
 
-
-def pixel_box(mask):
-  ys, xs = np.nonzero(mask)
-  return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1  # pixel edges
-
-
-def shape_of(mask):
-  """Classify by the widths of the top and bottom rows of the shape's box."""
-  x1, y1, x2, y2 = pixel_box(mask)
-  box = mask[y1:y2, x1:x2]
-  assert box.shape[0] == box.shape[1]  # all shapes fit a square box
-  top, bottom = box[0].sum(), box[-1].sum()
-  if box.all():
-    return "square"
-  if top == bottom:
-    assert top < box.shape[1] and box[box.shape[0] // 2].all()  # round: widest in the middle
-    return "circle"
-  assert top <= 2 and bottom == box.shape[1]  # apex up
-  return "triangle"
-
-
-def test_answers_read_off_the_pixels():
-  size = 32
-  src = dp.ShapesSource("train", 400, size)
-  kinds = set()
-  for i in range(len(src)):
-    ex = src[i]
-    image, q, a = ex["image"], ex["question"], ex["answer"]
-    assert image.shape == (size, size, 3) and image.dtype == np.uint8
-    present = [n for n in shapes.COLORS if colour_mask(image, n).any()]
-    assert 1 <= len(present) <= 3
-    # Ground truth objects are what the pixels show.
-    assert sorted(o["color"] for o in ex["objects"]) == sorted(present)
-    for o in ex["objects"]:
-      m = colour_mask(image, o["color"])
-      assert shape_of(m) == o["shape"]
-      assert tuple(pixel_box(m)) == tuple(o["box"])
-      cx, cy = o["center"]
-      assert m[cy, cx]
-    kinds.add(ex["kind"])
-    named_colour = [n for n in shapes.COLORS if re.search(rf"\b{n}\b", q)]
-    named_shape = [n for n in shapes.SHAPES if re.search(rf"\b{n}\b", q)]
-    if ex["kind"] == "color":
-      (obj,) = [o for o in ex["objects"] if o["shape"] == named_shape[0]]
-      cx, cy = obj["center"]
-      assert tuple(image[cy, cx]) == shapes.COLORS[a]
-      assert shape_of(colour_mask(image, a)) == named_shape[0]
-    elif ex["kind"] == "shape":
-      assert shape_of(colour_mask(image, named_colour[0])) == a
-    elif ex["kind"] == "count":
-      assert int(a) == len(present)
-    elif ex["kind"] == "ground":
-      m = colour_mask(image, named_colour[0])
-      assert shape_of(m) == named_shape[0]
-      assert re.fullmatch(r"\[\d+, \d+, \d+, \d+\]", a)
-      box = np.array([int(v) for v in NUMBERS.fullmatch(a).group(1).split(",")])
-      assert np.all(np.abs(box * size / 1000 - np.array(pixel_box(m))) <= 0.5 * size / 1000 + 1e-9)
-    elif ex["kind"] == "refer":
-      (point,) = NUMBERS.findall(q)
-      x, y = (int(v) for v in point.split(","))
-      px, py = int(x * size / 1000), int(y * size / 1000)
-      (colour,) = [n for n in shapes.COLORS if tuple(image[py, px]) == shapes.COLORS[n]]
-      assert shape_of(colour_mask(image, colour)) == a
-  assert kinds == set(shapes.KINDS)
-
-
-def test_splits_are_disjoint_and_deterministic():
-  train, eval_ = dp.ShapesSource("train", 1024, 32), dp.ShapesSource("eval", 256, 32)
-  key = lambda ex: ex["image"].tobytes() + ex["question"].encode()  # noqa: E731
-  train_keys = {key(train[i]) for i in range(len(train))}
-  eval_keys = {key(eval_[i]) for i in range(len(eval_))}
-  assert not train_keys & eval_keys
-  assert len(train_keys) > 1000  # examples differ
-  again = dp.ShapesSource("eval", 256, 32)
-  for i in (0, 7, 255):
-    assert key(again[i]) == key(eval_[i]) and again[i]["answer"] == eval_[i]["answer"]
-
-
-# --- sequences ---------------------------------------------------------------
-
-def test_sequence_layout_by_hand(tok):
-  c = tiny_config(max_tiles=2, seq_len=32)
-  builder = dp.SequenceBuilder.from_config(c, tok)
-  image = np.zeros((32, 32, 3), np.uint8)
-  image[:, :, 0] = 255
-  image[5, 7] = (10, 20, 30)
-  row = builder(dict(image=image, question="What color is the circle?", answer="red"))
-  batch_lib.check({k: v[None] for k, v in row.items()}, batch_lib.shapes_for_config(c, batch_size=1))
-  user, q, asst, ans = (tok.encode(t) for t in ("User:", "What color is the circle?", "Assistant:", "red"))
-  expected = [2] + user + [tok.image_id] * K + q + asst + ans + [3]
-  n = len(expected)
-  np.testing.assert_array_equal(row["tokens"], expected + [0] * (32 - n))
-  np.testing.assert_array_equal(row["targets"], expected[1:] + [0] * (33 - n))
-  start = 1 + len(user)
-  np.testing.assert_array_equal(row["image_token_positions"], list(range(start, start + K)) + [-1] * K)
-  prompt_len = n - len(ans) - 1
-  np.testing.assert_array_equal(np.flatnonzero(row["loss_mask"]), np.arange(prompt_len - 1, n - 1))
-  np.testing.assert_array_equal(row["segment_ids"], [1] * n + [0] * (32 - n))
-  np.testing.assert_array_equal(row["positions"], list(range(n)) + [0] * (32 - n))
-  # CLIP normalisation; the unused second tile is zero.
-  ref = (np.array([1.0, 0, 0]) - MEAN) / STD
-  np.testing.assert_allclose(row["images"][0, 0, 0], ref, rtol=1e-6)
-  np.testing.assert_allclose(row["images"][0, 5, 7], (np.array([10, 20, 30]) / 255 - MEAN) / STD, rtol=1e-6)
-  assert not row["images"][1].any()
-
-
-def test_overlong_examples_raise_or_drop(tok):
-  ex = dict(image=np.zeros((32, 32, 3), np.uint8), question="Where is the red square?", answer="[1, 2, 300, 400]")
-  with pytest.raises(ValueError, match="seq_len"):
-    dp.SequenceBuilder.from_config(tiny_config(seq_len=20), tok)(ex)
-  assert dp.SequenceBuilder.from_config(tiny_config(seq_len=20), tok, drop_overlong=True)(ex) is None
-  c = tiny_config(seq_len=24)  # fits colour/shape/count questions only
-  ds = dp.make_train_dataset(c, tok, drop_overlong=True)
-  for row in rows(next(iter(ds))):
-    check_row(row, tok)
-    assert "[" not in tok.decode(row["tokens"])  # no grounding or referring question fits
-
-
-def check_row(row, tok, answer=None):
-  n = int(row["segment_ids"].sum())
-  tokens = row["tokens"]
-  np.testing.assert_array_equal(row["segment_ids"], [1] * n + [0] * (len(tokens) - n))  # padding only at the end
-  np.testing.assert_array_equal(row["positions"][:n], np.arange(n))
-  assert tokens[0] == tok.bos_id and tokens[n - 1] == tok.eos_id and not tokens[n:].any()
-  np.testing.assert_array_equal(row["targets"][:-1], tokens[1:])
-  slots = row["image_token_positions"]
-  np.testing.assert_array_equal(slots[:K], np.flatnonzero(tokens == tok.image_id))
-  assert (slots[K:] == -1).all()
-  mask = row["loss_mask"] == 1
-  assert set(np.unique(row["loss_mask"])) <= {0.0, 1.0}
-  masked = row["targets"][mask]
-  assert masked[-1] == tok.eos_id and np.flatnonzero(mask)[-1] == n - 2
-  text = tok.decode(tokens[:n])
-  _, said = text.split(" Assistant: ")
-  assert tok.decode(masked) == said
-  assert tok.decode(tokens[:np.flatnonzero(mask)[0] + 1]).endswith("Assistant:")
-  if answer is not None:
-    assert said == answer
-  return text
-
-
-def test_rows_follow_the_answers(tok):
-  c = tiny_config()
-  builder = dp.SequenceBuilder.from_config(c, tok)
-  src = dp.ShapesSource("train", 64, 32)
-  for i in range(len(src)):
-    ex = src[i]
-    row = builder(ex)
-    text = check_row(row, tok, ex["answer"])
-    assert text == "User:" + "<image>" * K + f" {ex['question']} Assistant: {ex['answer']}"
-    # The image survives normalisation.
-    np.testing.assert_allclose((row["images"][0] * STD + MEAN) * 255, ex["image"], atol=1e-3)
-
-
-# --- grain batches -----------------------------------------------------------
 
 def test_train_and_eval_batches_follow_the_schema(tok):
   c = tiny_config()
   expected = batch_lib.shapes_for_config(c)
   for batch in take(iter(dp.make_train_dataset(c, tok)), 3):
-    batch_lib.check(batch, expected)
-    for row in rows(batch):
-      check_row(row, tok)
-  evals = dp.make_eval_batches(c, tok, 3)
-  assert len(evals) == 3
+    assert batch["num_skipped"].shape == (c.train.batch_size,)
+    batch_lib.check(without_counts(batch), expected)
+    # Rows are packed: several examples each, segments numbered 1.., padding only at the end.
+    for seg in batch["segment_ids"]:
+      real = seg[seg > 0]
+      assert np.all(np.diff(real) >= 0) and np.all(seg[len(real):] == 0) and real[0] == 1
+    assert batch["segment_ids"].max() > 1
+    slots = batch["image_token_positions"]
+    rows_, cols = np.nonzero(slots >= 0)
+    assert np.all(batch["tokens"][rows_, slots[rows_, cols]] == tok.image_id)
+  evals = dp.make_eval_batches(c, tok, 2)
   for batch in evals:
-    batch_lib.check(batch, expected)
-  assert_batches_equal(evals, dp.make_eval_batches(c, tok, 3))
-  with pytest.raises(ValueError, match="eval_examples"):
-    dp.make_eval_batches(c, tok, 1000)
+    batch_lib.check(without_counts(batch), expected)
+  assert_batches_equal(evals, dp.make_eval_batches(c, tok, 2))
 
 
-def test_each_epoch_is_a_new_permutation(tok):
-  c = tiny_config(num_examples=16)
-  batches = take(iter(dp.make_train_dataset(c, tok)), 4)  # 2 epochs of 2 batches
-  epochs = [[row_key(r) for b in batches[e:e + 2] for r in rows(b)] for e in (0, 2)]
-  src = dp.ShapesSource("train", 16, 32)
-  builder = dp.SequenceBuilder.from_config(c, tok)
-  everything = sorted(row_key(builder(src[i])) for i in range(16))
-  assert sorted(epochs[0]) == everything and sorted(epochs[1]) == everything
-  assert epochs[0] != epochs[1]
+def test_mixture_proportions_match_the_weights():
+  weights = {"caption": 0.5, "text_doc": 0.3, "multi_image": 0.2}  # three distinct record kinds
+  kinds = {"caption": "caption", "text_doc": "text", "multi_image": "multi_image"}
+  c = tiny_config(sources={n: dict(kind="builtin", weight=w) for n, w in weights.items()}, num_examples=50)
+  ds = mixture.mixed_records(c, "train")
+  n = 3000
+  seen = [ds[i]["kind"] for i in range(n)]
+  for name, w in weights.items():
+    got = seen.count(kinds[name]) / n
+    assert abs(got - w) < 4 * np.sqrt(w * (1 - w) / n), (name, got, w)
+  # Deterministic from the seed; another seed gives another order.
+  assert [mixture.mixed_records(c, "train")[i]["messages"] for i in range(20)] == [ds[i]["messages"] for i in range(20)]
+  c.seed = 1
+  assert [mixture.mixed_records(c, "train")[i]["messages"] for i in range(20)] != [ds[i]["messages"] for i in range(20)]
+
+
+def test_bad_mixture_config_is_a_clear_error():
+  with pytest.raises(ValueError, match="sources.foo.task='foo'"):
+    mixture.make_source("foo", dict(kind="builtin"), tiny_config(), "train")
+  with pytest.raises(ValueError, match="sources.x.kind='csv'"):
+    mixture.make_source("x", dict(kind="csv"), tiny_config(), "train")
+  with pytest.raises(ValueError, match="weights"):
+    mixture.weights(tiny_config(sources={"qa": dict(kind="builtin", weight=-1.0)}))
 
 
 def test_resume_is_bitwise_identical(tok, tmp_path):
-  c = tiny_config(num_examples=20)  # crosses an epoch within 5 batches
+  c = tiny_config(num_examples=20)  # crosses epochs within the batches taken
   it = iter(dp.make_train_dataset(c, tok))
   take(it, 3)
   state = it.get_state()
@@ -305,14 +170,43 @@ def test_resume_is_bitwise_identical(tok, tmp_path):
   assert_batches_equal(take(restored, 2), expected)
 
 
-def test_host_shards_split_the_global_batch(tok):
-  c = tiny_config()
-  single = take(iter(dp.make_train_dataset(c, tok)), 3)
-  hosts = [take(iter(dp.make_train_dataset(c, tok, process_index=p, process_count=2)), 3) for p in (0, 1)]
-  for step in range(3):
-    a, b = ([row_key(r) for r in rows(h[step])] for h in hosts)
-    assert len(a) == len(b) == c.train.batch_size // 2
-    assert not set(a) & set(b)
-    assert sorted(a + b) == sorted(row_key(r) for r in rows(single[step]))
+def test_two_processes_read_disjoint_records(tok):
+  c = tiny_config(sources={"qa": dict(kind="builtin", weight=1.0)}, num_examples=40)
+  whole = mixture.mixed_records(c, "train")
+  key = lambda r: r["images"][0].tobytes() + repr(r["messages"]).encode()
+  first_epoch = {key(whole[i]) for i in range(40)}
+  hosts = [whole[p::2] for p in (0, 1)]
+  seen = [{key(h[i]) for i in range(20)} for h in hosts]
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == first_epoch  # together: exactly one epoch, each record once
+  # The packed batches of the two processes hold different examples too.
+  batches = [next(iter(dp.make_train_dataset(c, tok, process_index=p, process_count=2))) for p in (0, 1)]
+  assert all(b["tokens"].shape[0] == c.train.batch_size // 2 for b in batches)
+  assert not np.array_equal(batches[0]["images"], batches[1]["images"])
   with pytest.raises(ValueError, match="batch_size=8"):
     dp.make_train_dataset(c, tok, process_index=0, process_count=3)
+
+
+def test_corrupt_records_are_skipped_and_counted(tok, tmp_path):
+  from PIL import Image
+  Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(tmp_path / "ok.png")
+  (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  good = {"kind": "conversation", "images": ["ok.png"], "messages": [
+      {"role": "user", "content": "<image> What color is the image?"}, {"role": "assistant", "content": "gray"}]}
+  lines = [json.dumps(good)] * 4 + [
+      "{not json", json.dumps({**good, "images": ["missing.png"]}), json.dumps({**good, "images": ["bad.png"]}),
+      json.dumps({**good, "kind": "painting"})]
+  (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+  c = tiny_config(sources={"mine": dict(kind="jsonl", weight=1.0, path=str(tmp_path / "data.jsonl"))})
+  it = iter(dp.make_train_dataset(c, tok))
+  batches = take(it, 6)  # never a crash
+  examples = sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches)
+  skipped = sum(int(b["num_skipped"].sum()) for b in batches)
+  # Half the lines are bad: as many skips as good examples, but for the good ones the packer
+  # still holds in its bins (at most one per tile) and a part-read epoch (at most 4).
+  assert examples > 20 and -4 <= skipped - examples <= c.data.pack_bins * c.data.max_tiles + 4, (skipped, examples)
+  # Each bad line is skipped for its own reason.
+  from data_pipelines import sources
+  src = sources.JsonlSource(str(tmp_path / "data.jsonl"))
+  reasons = [records.decode_or_skip(src[i])[1] for i in range(len(src))]
+  assert reasons[:4] == [None] * 4 and all(reasons[4:])

@@ -20,13 +20,15 @@ def evaluate(eval_fn, params, eval_batches, put) -> dict:
   """Loss, token accuracy and exact match of whole answers over the eval batches."""
   totals = None
   for host_batch in eval_batches:
+    host_batch = {k: v for k, v in host_batch.items() if k != "num_skipped"}
     out = jax.device_get(eval_fn(params, put(host_batch)))
     totals = out if totals is None else {k: totals[k] + out[k] for k in out}
   count = max(float(totals["count"]), 1.0)
   return dict(
       loss=float(totals["loss_sum"]) / count,
       token_accuracy=float(totals["correct"]) / count,
-      exact_match=float(totals["exact"]) / max(float(totals["rows"]), 1.0),
+      exact_match=float(totals["exact"]) / max(float(totals["examples"]), 1.0),
+      examples=int(totals["examples"]),
   )
 
 
@@ -91,7 +93,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
           writer.message(msg)
         metrics = {k: v for k, v in metrics.items() if k != "finite"}
         metrics.update(
-            tokens_per_s=tokens_per_step / seconds, step_seconds=seconds,
+            tokens_per_s=tokens_per_step / seconds, step_seconds=seconds, skipped_records=batches.skipped_records,
             mfu=flops_lib.mfu(step_flops, seconds, peak, jax.device_count()))
         if first_timed:
           metrics["includes_compile"] = 1  # the first window holds the compile
@@ -108,7 +110,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     writer.write(int(jax.device_get(state["step"])), result, kind="eval")
     writer.message(
         f"eval: loss {result['loss']:.4f}, token accuracy {result['token_accuracy']:.3f}, "
-        f"exact match {result['exact_match']:.3f} on {len(eval_batches) * config.train.batch_size} examples")
+        f"exact match {result['exact_match']:.3f} on {result['examples']} examples")
     return result
   finally:
     checkpointer.close()

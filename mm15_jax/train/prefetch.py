@@ -24,21 +24,24 @@ class DevicePrefetcher:
     self._depth = max(depth, 1)
     self._expected = expected_local
     self._queue = collections.deque()
+    self.skipped_records = 0  # corrupt/malformed records met by the batches consumed so far
 
   def _fill(self):
     while len(self._queue) < self._depth:
       state = self._it.get_state()
-      host_batch = next(self._it)
+      host_batch = dict(next(self._it))
+      skipped = int(np.sum(host_batch.pop("num_skipped", 0)))  # a count, not a model input
       if self._expected is not None:
         batch_lib.check(host_batch, self._expected)
-      self._queue.append((state, self._put(host_batch)))
+      self._queue.append((state, self._put(host_batch), skipped))
 
   def __iter__(self):
     return self
 
   def __next__(self):
     self._fill()
-    _, device_batch = self._queue.popleft()
+    _, device_batch, skipped = self._queue.popleft()
+    self.skipped_records += skipped
     self._fill()  # dispatch the next transfers before the caller's step
     return device_batch
 

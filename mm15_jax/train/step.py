@@ -95,19 +95,25 @@ def train_step(setup: TrainSetup, state: dict, batch: dict):
 
 
 def eval_step(setup: TrainSetup, params: dict, batch: dict):
-  """Sums for loss, token accuracy and exact match of each row's whole answer.
+  """Sums for loss, token accuracy and exact match of each example's whole answer.
 
-  Exact match under teacher forcing equals greedy-decoding correctness: every answer
-  token is the argmax given the correct prefix.
+  Exact match under teacher forcing equals greedy-decoding correctness: every trained token
+  is the argmax given the correct prefix. Examples are the packed segments of each row.
   """
   model = nnx.merge(setup.graphdef, params, setup.rest)
   logits = model(*(batch[k] for k in MODEL_INPUTS))
   loss_sum, _, correct = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
   mask = batch["loss_mask"] > 0
-  hit = (jnp.argmax(logits, -1) == batch["targets"]) | ~mask
-  rows = jnp.any(mask, axis=-1)
-  exact = jnp.sum(jnp.all(hit, axis=-1) & rows)
-  return dict(loss_sum=loss_sum, correct=correct, count=jnp.sum(mask), exact=exact, rows=jnp.sum(rows))
+  wrong = (jnp.argmax(logits, -1) != batch["targets"]) & mask
+  b, length = mask.shape
+  # One id per (row, segment): segment ids are < length + 1.
+  ids = (jnp.arange(b)[:, None] * (length + 1) + batch["segment_ids"]).reshape(-1)
+  n = b * (length + 1)
+  trained = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.int32), ids, num_segments=n)
+  errors = jax.ops.segment_sum(wrong.reshape(-1).astype(jnp.int32), ids, num_segments=n)
+  examples = trained > 0
+  exact = jnp.sum(examples & (errors == 0))
+  return dict(loss_sum=loss_sum, correct=correct, count=jnp.sum(mask), exact=exact, examples=jnp.sum(examples))
 
 
 def _with_rules(setup: TrainSetup, fn):

@@ -1,0 +1,101 @@
+"""Weighted mixtures of record sources, from `config.data.sources`.
+
+  config.data.sources = {
+      "text_rich": dict(kind="builtin", weight=0.34),                       # task name = key
+      "docvqa": dict(kind="array_record", weight=0.2, paths="gs://b/docvqa-*.array_record",
+                     eval_paths="gs://b/docvqa_val-*.array_record"),
+      "vqa": dict(kind="tfds", weight=0.1, name="my_vqa", split="train", eval_split="validation",
+                  data_dir="/data/tfds", fields=dict(image="image", question="question", answer="answer")),
+      "mine": dict(kind="jsonl", weight=0.1, path="/data/mine.jsonl", eval_path="/data/mine_val.jsonl"),
+  }
+
+Each source is shuffled with its own seed and repeated, then `grain.MapDataset.mix` interleaves
+them deterministically in the proportions of the weights. Items are records (built-in sources)
+or serialised records (files); `ToExample` decodes and builds them in the map stage, where
+grain's worker processes run.
+"""
+
+import grain
+
+from data_pipelines import builtin
+from data_pipelines import records
+from data_pipelines import sources as sources_lib
+from data_pipelines.sequence import ExampleBuilder
+
+KINDS = ("builtin", "array_record", "tfds", "jsonl")
+
+
+def _field(spec, key, default=None):
+  return spec.get(key, default) if hasattr(spec, "get") else getattr(spec, key, default)
+
+
+def make_source(name: str, spec, config, split: str):
+  """One source of `config.data.sources` for split "train" or "eval"."""
+  kind = _field(spec, "kind", "builtin")
+  where = f"config.data.sources.{name}"
+  if kind == "builtin":
+    task = _field(spec, "task", name)
+    if task not in builtin.SOURCES:
+      raise ValueError(f"{where}.task={task!r}: built-in tasks are {sorted(builtin.SOURCES)}")
+    size = config.data.num_examples if split == "train" else config.data.eval_examples
+    return builtin.SOURCES[task](split, size, seed=config.seed, image_scale=config.data.image_scale)
+  is_eval = split == "eval"
+  if kind == "array_record":
+    paths = _field(spec, "eval_paths" if is_eval else "paths")
+    if not paths:
+      raise ValueError(f"{where}: kind='array_record' needs {'eval_paths' if is_eval else 'paths'}")
+    return sources_lib.ArrayRecordSource(paths)
+  if kind == "tfds":
+    return sources_lib.TfdsSource(
+        _field(spec, "name"), _field(spec, "eval_split" if is_eval else "split", "train"),
+        _field(spec, "data_dir"), fields=dict(_field(spec, "fields", {}) or {}))
+  if kind == "jsonl":
+    path = _field(spec, "eval_path" if is_eval else "path")
+    if not path:
+      raise ValueError(f"{where}: kind='jsonl' needs {'eval_path' if is_eval else 'path'}")
+    return sources_lib.JsonlSource(path, _field(spec, "image_root"))
+  raise ValueError(f"{where}.kind={kind!r}: expected one of {KINDS}")
+
+
+def weights(config) -> dict:
+  specs = dict(config.data.sources)
+  if not specs:
+    raise ValueError("config.data.sources is empty: name at least one source, e.g. "
+                     "dict(qa=dict(kind='builtin', weight=1.0))")
+  out = {name: float(_field(spec, "weight", 1.0)) for name, spec in specs.items()}
+  bad = {n: w for n, w in out.items() if w < 0}
+  if bad or sum(out.values()) <= 0:
+    raise ValueError(f"config.data.sources weights must be >= 0 and not all 0, got {out}")
+  return out
+
+
+def mixed_records(config, split: str = "train") -> grain.MapDataset:
+  """An infinite deterministic MapDataset of records / serialised records in the weights' proportions."""
+  w = weights(config)
+  datasets = []
+  for i, (name, spec) in enumerate(dict(config.data.sources).items()):
+    ds = grain.MapDataset.source(make_source(name, spec, config, split))
+    if split == "train":
+      ds = ds.seed(config.seed * 1000 + i).shuffle()
+    datasets.append(ds.repeat())
+  if len(datasets) == 1:
+    return datasets[0]
+  return grain.MapDataset.mix(datasets, [w[n] for n in w])
+
+
+class ToExample:
+  """Record or serialised record -> sequence Example; bad input becomes a counted skip.
+
+  Picklable, so it runs in grain's worker processes.
+  """
+
+  def __init__(self, builder: ExampleBuilder):
+    self.builder = builder
+
+  def __call__(self, item):
+    if isinstance(item, (bytes, bytearray)):
+      record, reason = records.decode_or_skip(bytes(item))
+      if record is None:
+        record = dict(skipped=1, reason=reason)
+      item = record
+    return self.builder(item)

@@ -1,0 +1,112 @@
+"""Examples (sequence.py) -> packed batch rows in the schema of mm15_jax/batch.py.
+
+grain's FirstFitPackIterDataset does the packing: it holds `num_bins` rows, puts each
+example into the first row where every feature still fits (tokens/loss_on: seq_len,
+image_slots: max_tiles*K, tiles: max_tiles; a feature's length is its first dimension, so
+tiles [n, S, S, 3] pack along n), and when one does not fit emits the rows (shuffled by
+seed) and starts again with it. Its iterator state (the parent's state at the last emitted
+packed batch plus the next row) makes get_state/set_state resume exactly. A map then turns
+each packed row into the batch row:
+
+  tokens, targets, loss_mask, segment_ids, positions, images, image_token_positions
+      (mm15_jax/batch.py): segment ids 1.. in row order, positions restarting per segment,
+      padding only at the end; targets/loss_mask are next-token within a segment (the last
+      token of a segment has no target); image_token_positions are each example's
+      image_slots plus the row position where its segment starts, -1 unused; images are
+      CLIP-normalised here (after packing, so the packer moves uint8), unused tiles zero.
+  num_skipped  int32 scalar: an extra field besides the schema, the number of skipped
+      examples (corrupt/malformed records, sequence.Example skipped=1) packed into this row.
+
+A skipped example has no tokens and no tiles: it takes no room and only leaves a gap in
+the packer's segment numbering, which the row map closes. Examples that are None (overlong
+with data.overlong="drop") are filtered out before packing, uncounted.
+"""
+
+import grain
+import numpy as np
+
+from data_pipelines import sequence
+from data_pipelines import tokenizer as tokenizer_lib
+
+DEFAULT_BINS = 8
+
+
+def _get(d, key, default):
+  return d.get(key, default) if hasattr(d, "get") else getattr(d, key, default)
+
+
+class _CheckFits:
+  """An example longer than a row is a builder/config mismatch: say which field to change."""
+
+  def __init__(self, seq_len: int, max_tiles: int, tokens_per_tile: int):
+    self.seq_len, self.max_tiles, self.k = seq_len, max_tiles, tokens_per_tile
+
+  def __call__(self, ex: dict) -> dict:
+    n, t = len(ex["tokens"]), len(ex["tiles"])
+    if n > self.seq_len or t > self.max_tiles or len(ex["image_slots"]) != t * self.k:
+      raise ValueError(f"example of {n} tokens, {t} tiles, {len(ex['image_slots'])} image slots does not fit a "
+                       f"row of data.seq_len={self.seq_len}, data.max_tiles={self.max_tiles} with K={self.k} slots "
+                       "per tile; build examples with sequence.ExampleBuilder.from_config of the same config")
+    return ex
+
+
+class RowFromPacked:
+  """Callable for grain `map`: one packed row of FirstFitPackIterDataset -> a batch row."""
+
+  def __init__(self, seq_len: int, max_tiles: int, image_size: int, tokens_per_tile: int,
+               pad_id: int = tokenizer_lib.PAD_ID):
+    self.seq_len, self.max_tiles, self.image_size, self.k = seq_len, max_tiles, image_size, tokens_per_tile
+    self.pad_id = pad_id
+
+  def __call__(self, p: dict) -> dict:
+    raw, pos = p["tokens_segment_ids"], p["tokens_positions"]  # [L]
+    used = raw > 0
+    # Renumber 1..m in row order (skipped examples took packer ids but no tokens).
+    renumber = np.zeros(int(raw.max()) + 1, np.int32)
+    present = np.unique(raw[used])
+    renumber[present] = np.arange(1, len(present) + 1, dtype=np.int32)
+    segment_ids = renumber[raw]
+    tokens = np.where(used, p["tokens"], self.pad_id).astype(np.int32)
+    same = used[1:] & (raw[1:] == raw[:-1])  # token i+1 continues token i's example
+    targets = np.full(self.seq_len, self.pad_id, np.int32)
+    targets[:-1] = np.where(same, tokens[1:], self.pad_id)
+    loss_mask = np.zeros(self.seq_len, np.float32)
+    loss_mask[:-1] = np.where(same, p["loss_on"][1:], 0.0)
+
+    # Row offset of each segment: its first token's index, i - positions[i] on any of its tokens.
+    start = np.zeros(len(renumber), np.int32)
+    start[raw[used]] = (np.arange(self.seq_len) - pos)[used]
+    slot_seg = p["image_slots_segment_ids"]
+    image_token_positions = np.where(slot_seg > 0, p["image_slots"] + start[slot_seg], -1).astype(np.int32)
+
+    s = self.image_size
+    images = np.zeros((self.max_tiles, s, s, 3), np.float32)
+    tiles_used = p["tiles_segment_ids"] > 0  # a prefix: tiles pack contiguously
+    images[tiles_used] = sequence.normalize_image(p["tiles"][tiles_used])
+    return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids,
+                positions=np.where(used, pos, 0).astype(np.int32), images=images,
+                image_token_positions=image_token_positions,
+                num_skipped=np.int32(sum(int(x) for x in p["skipped"])))
+
+
+def pack(ds: grain.IterDataset, *, seq_len: int, max_tiles: int, image_size: int, tokens_per_tile: int,
+         num_bins: int = DEFAULT_BINS, seed: int = 0, shuffle_bins: bool = True) -> grain.IterDataset:
+  """IterDataset of Examples (None allowed, dropped) -> IterDataset of batch rows (unbatched).
+
+  num_bins: rows packed at once; more bins, less padding, more host memory
+  (num_bins * max_tiles * S * S * 3 bytes of tiles).
+  """
+  ds = ds.filter(lambda ex: ex is not None)
+  ds = ds.map(_CheckFits(seq_len, max_tiles, tokens_per_tile))
+  k = tokens_per_tile
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct=dict(tokens=seq_len, loss_on=seq_len, image_slots=max_tiles * k, tiles=max_tiles),
+      num_packing_bins=num_bins, seed=seed, shuffle_bins=shuffle_bins, meta_features=("skipped",))
+  return ds.map(RowFromPacked(seq_len, max_tiles, image_size, tokens_per_tile))
+
+
+def pack_examples(ds: grain.IterDataset, config) -> grain.IterDataset:
+  """`pack` with the config's sizes; bins from data.pack_bins (default DEFAULT_BINS), seed from config.seed."""
+  return pack(ds, seq_len=config.data.seq_len, max_tiles=config.data.max_tiles,
+              image_size=config.model.vit.image_size, tokens_per_tile=config.model.connector.tokens_per_tile,
+              num_bins=_get(config.data, "pack_bins", DEFAULT_BINS), seed=config.seed)
