@@ -63,7 +63,7 @@ def synthetic_batch(config, rng):
   return dict(
       tokens=tokens, targets=np.roll(tokens, -1, axis=1), loss_mask=np.ones((b, l), np.float32),
       segment_ids=np.ones((b, l), np.int32), positions=positions,
-      images=rng.normal(size=(b, t, s, s, 3)).astype(np.float32), image_token_positions=image_pos)
+      images=rng.integers(0, 256, size=(b, t, s, s, 3), dtype=np.uint8), image_token_positions=image_pos)
 
 
 def main():

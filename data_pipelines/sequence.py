@@ -50,15 +50,6 @@ ASSISTANT = "Assistant:"
 INDICATORS = ("index", "seps", "none")
 OVERLONG = ("drop", "truncate")
 
-# open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD (CLIP and DFN ViTs expect these).
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
-
-
-def normalize_image(image: np.ndarray) -> np.ndarray:
-  """uint8 [..., 3] -> float32 [..., 3] with CLIP mean/std."""
-  return (image.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-
 
 def _get(d, key, default):
   return d.get(key, default) if hasattr(d, "get") else getattr(d, key, default)

@@ -9,7 +9,8 @@ K = `model.connector.tokens_per_tile`:
   loss_mask              float32 [B, L]      1 where the target is trained on
   segment_ids            int32   [B, L]      packed-example id, 1.. ; 0 = padding
   positions              int32   [B, L]      position within its example (restarts per segment)
-  images                 float32 [B, T, S, S, 3]  normalised image tiles; unused tiles are zero
+  images                 uint8   [B, T, S, S, 3]  image tiles as pixels (the model applies the CLIP
+                                             normalisation on device); unused tiles are zero
   image_token_positions  int32   [B, T*K]    where in the sequence each image token goes; -1 = unused
 
 Tile t of a row fills sequence slots image_token_positions[b, t*K:(t+1)*K], which are the
@@ -30,7 +31,7 @@ def shapes(batch_size: int, seq_len: int, max_tiles: int, image_size: int, token
       "loss_mask": ((b, l), np.float32),
       "segment_ids": ((b, l), np.int32),
       "positions": ((b, l), np.int32),
-      "images": ((b, t, image_size, image_size, 3), np.float32),
+      "images": ((b, t, image_size, image_size, 3), np.uint8),
       "image_token_positions": ((b, t * tokens_per_tile), np.int32),
   }
 

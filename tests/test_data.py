@@ -19,9 +19,6 @@ from mm15_jax import batch as batch_lib
 from mm15_jax import configs
 
 K = 4  # tokens_per_tile of the tiny test config
-# open_clip OPENAI_DATASET_MEAN / STD, typed in from open_clip/constants.py.
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
-STD = np.array([0.26862954, 0.26130258, 0.27577711])
 NUMBERS = re.compile(r"\[([\d, ]+)\]")
 
 

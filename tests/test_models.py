@@ -293,3 +293,23 @@ def test_base_config_runs_and_params_are_annotated():
       np.zeros((B, c.data.max_tiles, S, S, 3), np.float32), itp)
   assert logits.shape == (B, L, c.model.llm.vocab_size) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_uint8_pixels_are_clip_normalised_on_device():
+  c = tiny_model_config()
+  model = MM15(c, rngs=nnx.Rngs(0))
+  rng = np.random.RandomState(1)
+  B, L, T, K = 1, 8, 1, 4
+  tokens = rng.randint(0, 64, (B, L)).astype(np.int32)
+  positions = np.tile(np.arange(L, dtype=np.int32), (B, 1))
+  segments = np.ones((B, L), np.int32)
+  itp = np.arange(T * K, dtype=np.int32)[None] + 1
+  pixels = rng.randint(0, 256, (B, T, 16, 16, 3)).astype(np.uint8)
+  # open_clip OPENAI_DATASET_MEAN / STD, typed in from open_clip/constants.py.
+  mean = np.array([0.48145466, 0.4578275, 0.40821073])
+  std = np.array([0.26862954, 0.26130258, 0.27577711])
+  normalised = ((pixels / 255.0 - mean) / std).astype(np.float32)
+  np.testing.assert_allclose(
+      np.asarray(model(tokens, positions, segments, pixels, itp)),
+      np.asarray(model(tokens, positions, segments, normalised, itp)), atol=1e-5)
+

@@ -98,7 +98,7 @@ def test_non_finite_step_never_reaches_the_weights():
   state = state_lib.init_state(setup)
   before = jax.device_get(state["params"])
   batch = host_batch(config)
-  batch["images"] = np.full_like(batch["images"], np.nan)
+  batch["images"] = np.full(batch["images"].shape, np.nan, np.float32)  # float: taken as normalised
   state, metrics = step_lib.jit_train_step(setup)(state, place(setup, batch))
   assert not bool(metrics["finite"])
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state["params"]))):

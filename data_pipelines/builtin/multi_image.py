@@ -62,7 +62,9 @@ class MultiImage(source.Source):
       k = int(rng.integers(len(drawn)))
       obj = drawn[k][2][rng.integers(len(drawn[k][2]))]
       turns.append((f"What color is the {obj.shape} in image {k + 1}?", obj.color))
-    prefix = "".join(f"Image {k + 1}: {IMAGE_MARKER}\n" for k in range(len(drawn)))
+    # The images are named "Image k" by the tile indicators the sequence builder adds
+    # (data.anyres.indicators="index", the default), so the text carries only the markers.
+    prefix = "".join(f"{IMAGE_MARKER}\n" for _ in drawn)
     return source.record("multi_image", source.chat(turns, prefix), [image for image, _, _ in drawn],
                          category=category)
 

@@ -8,6 +8,18 @@ from mm15_jax.models.llm import Decoder
 from mm15_jax.models.vit import VisionTransformer
 from mm15_jax.sharding import constrain
 
+# open_clip's OPENAI_DATASET_MEAN / STD: the normalisation CLIP and DFN encoders expect.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(images):
+  """uint8 pixels -> CLIP-normalised floats; float input is taken as already normalised."""
+  if images.dtype != jnp.uint8:
+    return images
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
 
 class MM15(nnx.Module):
   """The multimodal model of `config.model`; submodules `vit`, `connector`, `llm`."""
@@ -22,7 +34,7 @@ class MM15(nnx.Module):
   def __call__(self, tokens, positions, segment_ids, images, image_token_positions):
     """Logits float32 [B, L, vocab] for one batch (fields as in mm15_jax/batch.py).
 
-    tokens, positions, segment_ids: int [B, L]; images: [B, T, S, S, 3];
+    tokens, positions, segment_ids: int [B, L]; images: [B, T, S, S, 3] uint8 pixels (or floats already normalised);
     image_token_positions: int [B, T*K], -1 = unused slot. Shapes are static: unused tiles
     still run through the ViT (their tokens are dropped), so nothing here recompiles per batch.
     """
@@ -30,7 +42,8 @@ class MM15(nnx.Module):
     b, length, d = x.shape
     t = images.shape[1]
     if t:
-      feats = self.vit(images.reshape(b * t, *images.shape[2:]))  # [B*T, patches, vit_width]
+      tiles = normalize_pixels(images.reshape(b * t, *images.shape[2:]))
+      feats = self.vit(tiles)  # [B*T, patches, vit_width]
       img = self.connector(feats)  # [B*T, K, D]
       img = img.reshape(b, -1, d).astype(x.dtype)  # [B, T*K, D], tile-major like the positions
       if img.shape[1] != image_token_positions.shape[1]:
