@@ -207,3 +207,18 @@ def test_corrupt_records_are_skipped_and_counted(tok, tmp_path):
   src = sources.JsonlSource(str(tmp_path / "data.jsonl"))
   reasons = [records.decode_or_skip(src[i])[1] for i in range(len(src))]
   assert reasons[:4] == [None] * 4 and all(reasons[4:])
+
+
+def test_worker_processes_give_the_same_batches_and_resume(tok):
+  """grain worker processes (data.num_workers) change where decoding runs, not what comes out."""
+  c = tiny_config(num_examples=32)
+  serial = take(iter(dp.make_train_dataset(c, tok)), 3)
+  c.data.num_workers = 2
+  it = iter(dp.make_train_dataset(c, tok))
+  assert_batches_equal(take(it, 2), serial[:2])
+  state = it.get_state()
+  expected = take(it, 1)
+  assert_batches_equal(expected, serial[2:])
+  fresh = iter(dp.make_train_dataset(c, tok))
+  fresh.set_state(state)
+  assert_batches_equal(take(fresh, 1), expected)
