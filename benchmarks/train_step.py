@@ -101,7 +101,8 @@ def main():
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - t0) / args.steps
 
-  counts = flops_lib.param_counts(setup.abstract_params)
+  moe = config.model.moe
+  counts = flops_lib.param_counts(setup.abstract_params, setup.logical, moe.top_k, moe.num_experts)
   step_flops = flops_lib.flops_per_step(config, counts)
   n_dev = jax.device_count()
   on_cpu = jax.default_backend() == "cpu"

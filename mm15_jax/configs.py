@@ -25,6 +25,14 @@ LLM_SIZES = {
 # Nominal parameter counts, for the learning-rate rule and the size tests.
 NOMINAL_PARAMS = {"1b": 1e9, "3b": 3e9, "7b": 7e9, "30b": 30e9}
 
+# MM1.5's MoE sizes: 64 experts, top-2, MoE in every other decoder layer, experts the size
+# of the dense FFN (so they can be upcycled from it). MM1's 7B-MoE: 32 experts, every 4th.
+MOE_SIZES = {
+    "1b": dict(num_experts=64, top_k=2, interval=2),
+    "3b": dict(num_experts=64, top_k=2, interval=2),
+    "7b": dict(num_experts=32, top_k=2, interval=4),
+}
+
 VIT_SIZES = {
     # open_clip ViT-H-14-378 (DFN-5B): 27x27 patches at 378 px, QuickGELU.
     "H/14": dict(patch_size=14, width=1280, depth=32, heads=16, mlp_dim=5120, act="quick_gelu"),
@@ -52,6 +60,11 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
           depth=3,  # ResNet bottleneck blocks before and after pooling
           hidden_dim=vit_cfg["width"],
       ),
+      # Mixture of experts (models/moe.py): num_experts=0 is a dense model. Every
+      # `interval`-th decoder layer is MoE; the Switch balancing and router z losses are
+      # added to the training loss with these weights (MM15_SPEC.md).
+      moe=dict(num_experts=0, top_k=2, interval=2, expert_mlp_dim=0, impl="ragged", capacity_factor=1.25,
+               lb_loss_weight=0.01, z_loss_weight=0.001),
       dtype="bfloat16",  # compute dtype
       param_dtype="float32",  # master weights
       remat="full",  # "none" | "full" | "dots" (save matmul outputs)
@@ -106,6 +119,16 @@ STAGE_SETTINGS = {
     "cpt": dict(image_size=672, max_tiles=10, anyres=True, steps=30_000, batch=256, lr=1e-5, start="pretrain"),
     "sft": dict(image_size=672, max_tiles=10, anyres=True, steps=23_000, batch=256, lr=2e-5, start="cpt"),
 }
+
+
+def mm15_moe(size: str = "3b", stage: str = "pretrain") -> ml_collections.ConfigDict:
+  """The MoE variant of a paper size: the dense recipe with sparse MLPs (encoder unchanged)."""
+  if size not in MOE_SIZES:
+    raise ValueError(f"size={size!r}: MoE sizes are {sorted(MOE_SIZES)}")
+  c = mm15(size, stage)
+  c.model.moe.update(MOE_SIZES[size])
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=8)
+  return c
 
 
 def mm15(size: str = "3b", stage: str = "pretrain") -> ml_collections.ConfigDict:

@@ -102,6 +102,17 @@ def use_rules(mesh: Mesh, rules):
     _context.value = previous
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh of the active `use_rules` context (None outside one): for shard_map in layers."""
+  active = getattr(_context, "value", None)
+  return None if active is None else active[0]
+
+
+def active_rules() -> tuple:
+  active = getattr(_context, "value", None)
+  return () if active is None else active[1]
+
+
 def constrain(x: jax.Array, logical: tuple) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op without active rules."""
   active = getattr(_context, "value", None)

@@ -32,6 +32,7 @@ def summarize(config, devices: int) -> dict:
   from flax import nnx
   from mm15_jax import sharding as shd
   from mm15_jax.train import state as state_lib
+  from mm15_jax.train.flops import param_counts
 
   abstract = nnx.eval_shape(lambda: state_lib.build_model(config.model, config.seed))
   _, params, _ = nnx.split(abstract, nnx.Param, ...)
@@ -52,6 +53,9 @@ def summarize(config, devices: int) -> dict:
     per_chip += chip
     out[name] = {"params": int(count), "bytes_per_chip": int(chip)}
   out["total"] = {"params": int(sum(out[c]["params"] for c in COMPONENTS)), "bytes_per_chip": int(per_chip)}
+  moe = config.model.moe
+  counts = param_counts(shapes, logical, moe.top_k, moe.num_experts)
+  out["active"] = {"params": counts["active"]}  # per token: top_k of num_experts experts
   return out
 
 
@@ -60,6 +64,8 @@ def format_table(summary: dict) -> str:
   for name in COMPONENTS + ("total",):
     row = summary[name]
     lines.append(f"{name:<12}{row['params']:>18,}{row['bytes_per_chip'] / 2**30:>26.3f}")
+  if summary["active"]["params"] != summary["total"]["params"]:
+    lines.append(f"{'active':<12}{summary['active']['params']:>18,}   (per token)")
   return "\n".join(lines)
 
 

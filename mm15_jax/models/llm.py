@@ -1,5 +1,9 @@
 """Decoder-only LLM: RMSNorm, RoPE, grouped-query attention, SwiGLU; layers stacked and scanned.
 
+With `config.model.moe.num_experts` > 0 every `interval`-th layer's MLP is a mixture of experts
+(models/moe.py): the scanned unit is then a group of `interval` layers, `interval - 1` dense
+blocks and one MoE block last, so compile time still does not grow with depth.
+
 `embed(tokens)` and `decode(x, positions, segment_ids)` are separate so the multimodal model
 can write image tokens into the embedded sequence between the two.
 The stacking helpers (`stack_layers`, `scan_layers`) are shared with the ViT.
@@ -10,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mm15_jax.models.attention import attention, check_impl
+from mm15_jax.models.moe import MoE, check_moe, moe_settings, upcycle_dense_mlp
 from mm15_jax.sharding import constrain
 
 REMAT = ("none", "full", "dots")
@@ -47,23 +52,25 @@ def remat_policy(remat: str):
   }.get(remat)
 
 
-def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1):
+def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1, has_aux: bool = False):
   """Runs stacked `layers` over `x` with `jax.lax.scan`: compile time does not grow with depth.
 
   `layers(x, *args) -> x` is one block; `args` are the same for every layer. A plain
   `jax.lax.scan` over the split state (rather than `nnx.scan`) also works when the module is
   closed over by `jax.jit`, as inference code tends to do. `unroll` > 1 trades compile time
-  for speed where loop overhead shows (CPUs).
+  for speed where loop overhead shows (CPUs). With `has_aux` a block returns `(x, aux)` and
+  this returns `(x, aux stacked over layers)`.
   """
   graphdef, state = nnx.split(layers)
 
   def body(x, layer_state):
-    return nnx.merge(graphdef, layer_state)(x, *args), None
+    out = nnx.merge(graphdef, layer_state)(x, *args)
+    return out if has_aux else (out, None)
 
   if remat != "none":
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, state, unroll=unroll)
-  return x
+  x, aux = jax.lax.scan(body, x, state, unroll=unroll)
+  return (x, aux) if has_aux else x
 
 
 class RMSNorm(nnx.Module):
@@ -94,9 +101,9 @@ def rope(x, positions, theta: float):
 
 
 class DecoderBlock(nnx.Module):
-  """Pre-norm block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
+  """Pre-norm block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)) (or x + MoE(RMSNorm(x)))."""
 
-  def __init__(self, cfg, *, dtype, param_dtype, attention_impl, rngs):
+  def __init__(self, cfg, *, dtype, param_dtype, attention_impl, moe=None, rngs):
     d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     self.dtype, self.theta, self.attention_impl = dtype, cfg.rope_theta, attention_impl
     p = lambda init, shape, names: param(rngs, init, shape, names, param_dtype)
@@ -106,6 +113,9 @@ class DecoderBlock(nnx.Module):
     self.v = p(dense_init(0), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.o = p(dense_init((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"))
     self.mlp_norm = RMSNorm(d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if moe is not None:  # returns (x, MoE stats)
+      self.moe = MoE(d, moe, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      return
     self.gate = p(dense_init(0), (d, f), ("embed", "mlp"))
     self.up = p(dense_init(0), (d, f), ("embed", "mlp"))
     self.down = p(dense_init(0), (f, d), ("mlp", "embed"))
@@ -123,6 +133,10 @@ class DecoderBlock(nnx.Module):
     x = constrain(x + jnp.einsum("blhk,hkd->bld", a, w(self.o)), ("batch", "length", "embed"))
 
     y = self.mlp_norm(x)
+    if hasattr(self, "moe"):
+      # Padding (segment 0) takes no expert capacity and no part in the routing statistics.
+      y, stats = self.moe(y, valid=segment_ids != 0)
+      return constrain(x + y, ("batch", "length", "embed")), stats
     g = jnp.einsum("bld,df->blf", y, w(self.gate))
     u = jnp.einsum("bld,df->blf", y, w(self.up))
     hidden = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
@@ -130,11 +144,35 @@ class DecoderBlock(nnx.Module):
     return x
 
 
+class DecoderGroup(nnx.Module):
+  """`interval - 1` stacked dense blocks, then one MoE block: the scanned unit of an MoE decoder."""
+
+  def __init__(self, cfg, moe, *, scan_unroll, rngs, **block_kw):
+    self.scan_unroll = scan_unroll
+    if moe["interval"] > 1:
+      self.dense = stack_layers(lambda r: DecoderBlock(cfg, rngs=r, **block_kw), moe["interval"] - 1, rngs)
+    self.sparse = DecoderBlock(cfg, moe=moe, rngs=rngs, **block_kw)
+
+  def __call__(self, x, positions, segment_ids):
+    if hasattr(self, "dense"):  # the outer scan's remat covers these too
+      x = scan_layers(self.dense, x, positions, segment_ids, unroll=self.scan_unroll)
+    return self.sparse(x, positions, segment_ids)
+
+
+def no_moe_aux():
+  """The aux of a dense model, so a train step can always ask for it."""
+  zero = jnp.zeros((), jnp.float32)
+  return dict(moe_lb_loss=zero, moe_z_loss=zero, expert_load=jnp.zeros((0,), jnp.float32), dropped_tokens=zero)
+
+
 class Decoder(nnx.Module):
-  """Token embedding -> `n_layers` scanned DecoderBlocks -> RMSNorm -> LM head (float32 logits)."""
+  """Token embedding -> `n_layers` scanned DecoderBlocks -> RMSNorm -> LM head (float32 logits).
+
+  `moe`: `config.model.moe` (None or num_experts 0: dense).
+  """
 
   def __init__(self, config, *, dtype="float32", param_dtype="float32", remat="none",
-               attention_impl="xla", scan_unroll: int = 1, rngs: nnx.Rngs):
+               attention_impl="xla", scan_unroll: int = 1, moe=None, rngs: nnx.Rngs):
     if config.n_heads % config.n_kv_heads:
       raise ValueError(f"config.model.llm: n_heads={config.n_heads} is not a multiple of "
                        f"n_kv_heads={config.n_kv_heads}")
@@ -148,10 +186,16 @@ class Decoder(nnx.Module):
     d, vocab = config.d_model, config.vocab_size
     # Std 1/sqrt(d): O(1) logits when the table doubles as the LM head.
     self.embedding = param(rngs, dense_init(1), (vocab, d), ("vocab", "embed"), param_dtype)
-    self.layers = stack_layers(
-        lambda r: DecoderBlock(config, dtype=dtype, param_dtype=param_dtype,
-                               attention_impl=attention_impl, rngs=r),
-        config.n_layers, rngs)
+    moe = moe_settings(moe, config.mlp_dim)
+    self.is_moe = moe is not None
+    block_kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    if moe is None:
+      self.layers = stack_layers(lambda r: DecoderBlock(config, rngs=r, **block_kw), config.n_layers, rngs)
+    else:
+      check_moe(moe, config.n_layers)
+      self.layers = stack_layers(
+          lambda r: DecoderGroup(config, moe, scan_unroll=scan_unroll, rngs=r, **block_kw),
+          config.n_layers // moe["interval"], rngs)
     self.final_norm = RMSNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
     if not self.tie:
       self.lm_head = param(rngs, dense_init(0), (d, vocab), ("embed", "vocab"), param_dtype)
@@ -161,17 +205,51 @@ class Decoder(nnx.Module):
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
     return constrain(x, ("batch", "length", "embed"))
 
-  def decode(self, x, positions, segment_ids):
-    """x: [batch, length, embed]; positions, segment_ids: int [batch, length] -> float32 [batch, length, vocab]."""
+  def decode(self, x, positions, segment_ids, *, return_aux=False):
+    """x: [batch, length, embed]; positions, segment_ids: int [batch, length] -> float32 [batch, length, vocab].
+
+    With `return_aux`: (logits, aux), aux = dict(moe_lb_loss, moe_z_loss: means over MoE layers
+    (alpha-free, see moe.finalize_stats), expert_load: [E] mean over MoE layers, dropped_tokens:
+    over-capacity assignments summed over layers); zeros and an empty load for a dense model.
+    """
     x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
-    x = scan_layers(self.layers, x, positions, segment_ids, remat=self.remat, unroll=self.scan_unroll)
+    scan = lambda **kw: scan_layers(self.layers, x, positions, segment_ids, remat=self.remat,
+                                    unroll=self.scan_unroll, **kw)
+    if not self.is_moe:
+      x, aux = scan(), no_moe_aux()
+    else:
+      x, stats = scan(has_aux=True)  # each [groups, ...]
+      aux = dict(moe_lb_loss=jnp.mean(stats["lb_loss"]), moe_z_loss=jnp.mean(stats["z_loss"]),
+                 expert_load=jnp.mean(stats["load"], axis=0), dropped_tokens=jnp.sum(stats["dropped"]))
     x = self.final_norm(x)
     if self.tie:
       head = self.embedding[...].astype(self.dtype).T
     else:
       head = self.lm_head[...].astype(self.dtype)
     logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab"))
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    return (logits, aux) if return_aux else logits
 
-  def __call__(self, tokens, positions, segment_ids):
-    return self.decode(self.embed(tokens), positions, segment_ids)
+  def __call__(self, tokens, positions, segment_ids, *, return_aux=False):
+    return self.decode(self.embed(tokens), positions, segment_ids, return_aux=return_aux)
+
+
+def upcycle_decoder_params(dense: dict, moe: dict, noise: float = 0.0, key=None) -> dict:
+  """Pure-dict params of a trained dense Decoder -> an MoE Decoder's, every expert a copy of its layer's FFN.
+
+  `moe` is a freshly initialised MoE Decoder's pure dict (structure, and the router init kept).
+  Dense layer l goes to group l // interval: position l % interval < interval - 1 to `dense`, the
+  last to `sparse`. With identical experts and renormalised top-k (k > 1) weights the upcycled
+  model computes exactly what the dense one did.
+  """
+  sparse_init = moe["layers"]["sparse"]
+  num_experts = sparse_init["moe"]["router"].shape[-1]
+  groups = sparse_init["moe"]["router"].shape[0]
+  split = jax.tree.map(lambda a: a.reshape((groups, -1) + a.shape[1:]), dense["layers"])  # [G, interval, ...]
+  last = jax.tree.map(lambda a: a[:, -1], split)
+  ffn = {k: last.pop(k) for k in ("gate", "up", "down")}
+  layers = dict(sparse=dict(last, moe=dict(router=sparse_init["moe"]["router"],
+                                           **upcycle_dense_mlp(**ffn, num_experts=num_experts, noise=noise, key=key))))
+  if "dense" in moe["layers"]:
+    layers["dense"] = jax.tree.map(lambda a: a[:, :-1], split)
+  return dict(dense, layers=layers)

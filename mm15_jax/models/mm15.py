@@ -29,10 +29,12 @@ class MM15(nnx.Module):
                   attention_impl=config.attention_impl, scan_unroll=config.scan_unroll, rngs=rngs)
     self.vit = VisionTransformer(config.vit, **common)
     self.connector = make_connector(config, rngs)
-    self.llm = Decoder(config.llm, **common)
+    moe = config.get("moe") if hasattr(config, "get") else None
+    self.llm = Decoder(config.llm, moe=moe, **common)
 
-  def __call__(self, tokens, positions, segment_ids, images, image_token_positions):
-    """Logits float32 [B, L, vocab] for one batch (fields as in mm15_jax/batch.py).
+  def __call__(self, tokens, positions, segment_ids, images, image_token_positions, *, return_aux=False):
+    """Logits float32 [B, L, vocab] for one batch (fields as in mm15_jax/batch.py); with
+    `return_aux`, (logits, aux) with the MoE statistics of `Decoder.decode`.
 
     tokens, positions, segment_ids: int [B, L]; images: [B, T, S, S, 3] uint8 pixels (or floats already normalised);
     image_token_positions: int [B, T*K], -1 = unused slot. Shapes are static: unused tiles
@@ -53,4 +55,4 @@ class MM15(nnx.Module):
       idx = jnp.where(image_token_positions < 0, length, image_token_positions)
       x = x.at[jnp.arange(b)[:, None], idx].set(img, mode="drop")
       x = constrain(x, ("batch", "length", "embed"))
-    return self.llm.decode(x, positions, segment_ids)
+    return self.llm.decode(x, positions, segment_ids, return_aux=return_aux)

@@ -1,7 +1,7 @@
 """Model FLOPs and peak device FLOP/s, for the MFU estimate.
 
 FLOPs per token (PaLM, appendix B): 6N + 12·L·H·Q·T with N the matmul params of the
-decoder (the input embedding lookup is not a matmul) and the attention term NOT halved
+decoder that a token uses (for MoE: the top-k experts' share, plus the router) (the input embedding lookup is not a matmul) and the attention term NOT halved
 for the causal mask (MaxText halves it; our MFU is therefore comparable to PaLM's).
 The encoder adds, per tile of P patches, 6·N_vit·P + 12·L_v·W·P² and the connector
 6·N_conn·P. Every processed tile counts, empty ones included, as they cost compute.
@@ -27,10 +27,27 @@ PEAK_FLOPS = (
 )
 
 
-def param_counts(params: dict) -> dict:
-  """Parameters per top-level component and in total, from (abstract) params."""
+def is_expert_weight(logical: tuple) -> bool:
+  """Stacked expert weights lead with the expert axis (after the layer axis, if stacked)."""
+  names = [n for n in logical if n != "layers"]
+  return bool(names) and names[0] == "expert"
+
+
+def param_counts(params: dict, logical: dict | None = None, top_k: int = 0, num_experts: int = 0) -> dict:
+  """Parameters per top-level component and in total, from (abstract) params.
+
+  With `logical` axes and an MoE config, also `active`: the parameters one token uses
+  (top_k of num_experts expert weights, everything else whole).
+  """
   counts = {k: sum(math.prod(x.shape) for x in jax.tree.leaves(v)) for k, v in params.items()}
   counts["total"] = sum(counts.values())
+  active = float(counts["total"])
+  if logical is not None and num_experts:
+    leaves = jax.tree.leaves(params)
+    axes = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, tuple))
+    expert = sum(math.prod(x.shape) for x, a in zip(leaves, axes) if is_expert_weight(a))
+    active -= expert * (1 - top_k / num_experts)
+  counts["active"] = int(active)
   return counts
 
 
@@ -40,7 +57,8 @@ def flops_per_step(config, counts: dict, batch_size: int | None = None) -> float
   llm = m.llm
   seq = d.seq_len
   embedding = 0 if llm.tie_embeddings else llm.vocab_size * llm.d_model
-  n_llm = counts["llm"] - embedding
+  inactive = counts["total"] - counts.get("active", counts["total"])  # unused experts (MoE)
+  n_llm = counts["llm"] - embedding - inactive
   per_token = 6 * n_llm + 12 * llm.n_layers * llm.n_heads * llm.head_dim * seq
   patches = (m.vit.image_size // m.vit.patch_size) ** 2
   per_tile = (6 * counts.get("vit", 0) * patches + 12 * m.vit.depth * m.vit.width * patches**2

@@ -61,7 +61,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         origin = f"params from {config.init.from_checkpoint}"
     start = int(jax.device_get(state["step"]))
 
-    counts = flops_lib.param_counts(setup.abstract_params)
+    moe = config.model.moe
+    counts = flops_lib.param_counts(setup.abstract_params, setup.logical, moe.top_k, moe.num_experts)
     step_flops = flops_lib.flops_per_step(config, counts)
     peak = flops_lib.peak_flops_per_device(config.train.peak_tflops_per_device)
     tokens_per_step = config.train.batch_size * config.data.seq_len

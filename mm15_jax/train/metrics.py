@@ -59,6 +59,8 @@ class MetricsWriter:
 
 def _plain(v):
   v = jax.device_get(v)
+  if getattr(v, "ndim", 0) > 0:
+    return [float(x) for x in v.reshape(-1)]  # e.g. per-expert load: jsonl only
   try:
     return float(v) if getattr(v, "dtype", None) is None or v.dtype.kind == "f" else int(v)
   except TypeError:

@@ -19,13 +19,22 @@ MODEL_INPUTS = ("tokens", "positions", "segment_ids", "images", "image_token_pos
 
 
 def _forward_sums(setup: TrainSetup, params, batch):
-  """(objective_sum, aux) for one (micro)batch; sums, not means, so accumulation is exact."""
+  """(objective_sum, aux) for one (micro)batch; sums, not means, so accumulation is exact.
+
+  MoE auxiliary losses are per-batch means; weighted by the batch's token count they enter
+  the sum like the cross-entropy does, so the final objective is mean CE + weighted aux.
+  """
   model = nnx.merge(setup.graphdef, params, setup.rest)
-  logits = model(*(batch[k] for k in MODEL_INPUTS))
+  logits, moe_aux = model(*(batch[k] for k in MODEL_INPUTS), return_aux=True)
   loss_sum, z_sum, correct = masked_cross_entropy(
       logits, batch["targets"], batch["loss_mask"], setup.config.train.z_loss)
   count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-  return loss_sum + z_sum, dict(loss_sum=loss_sum, z_sum=z_sum, correct=correct, count=count)
+  moe = setup.config.model.moe
+  moe_objective = count * (moe.lb_loss_weight * moe_aux["moe_lb_loss"] + moe.z_loss_weight * moe_aux["moe_z_loss"])
+  aux = dict(loss_sum=loss_sum, z_sum=z_sum, correct=correct, count=count,
+             moe_lb_sum=count * moe_aux["moe_lb_loss"], moe_z_sum=count * moe_aux["moe_z_loss"],
+             expert_load_sum=count * moe_aux["expert_load"], dropped_tokens=moe_aux["dropped_tokens"])
+  return loss_sum + z_sum + moe_objective, aux
 
 
 def _freeze(setup: TrainSetup, params):
@@ -58,7 +67,9 @@ def loss_and_grads(setup: TrainSetup, params: dict, batch: dict):
       (_, aux), g = grad_fn(params, mb)
       return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, (params, dict(loss_sum=0.0, z_sum=0.0, correct=0.0, count=0.0)))
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_shapes = jax.eval_shape(lambda p, b: grad_fn(p, b)[0][1], params, first)
+    zeros = jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes)
     (grads, aux), _ = jax.lax.scan(body, zeros, micro)
   count = jnp.maximum(aux["count"], 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
@@ -91,6 +102,10 @@ def train_step(setup: TrainSetup, state: dict, batch: dict):
       loss_tokens=aux["count"],
       finite=finite,
   )
+  if config.model.moe.num_experts:
+    metrics.update(
+        moe_lb_loss=aux["moe_lb_sum"] / count, moe_z_loss=aux["moe_z_sum"] / count,
+        expert_load=aux["expert_load_sum"] / count, dropped_tokens=aux["dropped_tokens"])
   return new_state, metrics
 
 
