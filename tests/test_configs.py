@@ -77,5 +77,18 @@ def test_summary_cli_json():
       capture_output=True, text=True, check=True, cwd=ROOT,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   s = json.loads(out.stdout)
-  assert {"total", "vit", "connector", "llm"} <= set(s)
+  assert {"total", "vit", "connector", "llm", "active"} <= set(s)
   assert s["total"]["params"] == sum(s[k]["params"] for k in ("vit", "connector", "llm")) > 0
+  assert s["active"]["params"] == s["total"]["params"]  # dense: every param is used per token
+
+
+def test_summary_cli_reports_active_params_of_moe():
+  out = subprocess.run(
+      [sys.executable, "-m", "mm15_jax.summary", "--config", os.path.join(ROOT, "experiments", "tiny_moe.py"), "--json"],
+      capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  s = json.loads(out.stdout)
+  c = configs.load_experiment(os.path.join(ROOT, "experiments", "tiny_moe.py"))
+  llm, moe = c.model.llm, c.model.moe
+  expert_weights = (llm.n_layers // moe.interval) * moe.num_experts * 3 * llm.d_model * moe.expert_mlp_dim
+  unused = expert_weights * (moe.num_experts - moe.top_k) // moe.num_experts
+  assert s["active"]["params"] == s["total"]["params"] - unused
