@@ -7,9 +7,7 @@ import pytest
 
 from mm15_jax import configs
 from mm15_jax import summary as summary_lib
-from mm15_jax.train import state as state_lib
-from mm15_jax.train import step as step_lib
-from tiny_setup import ROOT, host_batch, place, setup_on
+from tiny_setup import ROOT, setup_on, tiny_config, train_on_fixed_batch
 
 
 def hand_count_moe_llm(size):
@@ -40,35 +38,15 @@ def test_moe_sizes_total_and_active_params(size):
   assert dense < active < 1.6 * dense and total > 10 * dense
 
 
-def tiny_moe(**overrides):
-  c = configs.load_experiment(os.path.join(ROOT, "experiments", "tiny_moe.py"))
-  c.train.batch_size = 8
-  c.data.num_examples = 256
-  c.data.prefetch = 1
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
-
-
 @pytest.mark.parametrize("impl", ["ragged", "capacity"])
 def test_tiny_moe_trains_with_expert_parallelism(impl):
-  config = tiny_moe(**{"model.moe.impl": impl})
+  config = tiny_config("tiny_moe.py", **{"model.moe.impl": impl})
   config.train.steps, config.train.warmup_steps, config.train.lr = 40, 4, 1e-2
   setup = setup_on(config, dict(data=2, fsdp=1, tensor=1, expert=4))
   # Expert weights are split over the expert axis.
   gate = setup.param_shardings["llm"]["layers"]["sparse"]["moe"]["gate"]
   assert "expert" in str(gate.spec)
-  state = state_lib.init_state(setup)
-  batch = place(setup, host_batch(config))
-  step = step_lib.jit_train_step(setup)
-  losses = []
-  for _ in range(config.train.steps):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
+  losses, metrics = train_on_fixed_batch(setup, config)
   assert losses[-1] < losses[0] / 4, losses[::8]
   load = jax.device_get(metrics["expert_load"])
   assert load.shape == (4,) and abs(load.sum() - 1) < 1e-4

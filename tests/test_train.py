@@ -3,14 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mm15_jax.train import optimizer as opt_lib
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 from mm15_jax.train.loss import masked_cross_entropy
-from tiny_setup import host_batch, place, setup_on, tiny_config
+from tiny_setup import host_batch, place, setup_on, tiny_config, train_on_fixed_batch
 
 
 def loss_and_grads_on(config, mesh_axes, batch, devices=None):
@@ -108,12 +107,5 @@ def test_non_finite_step_never_reaches_the_weights():
 def test_tiny_model_overfits_a_fixed_batch():
   config = tiny_config()
   config.train.steps, config.train.warmup_steps, config.train.lr = 60, 5, 1e-2
-  setup = setup_on(config, dict(data=2, fsdp=2, tensor=2, expert=1))
-  state = state_lib.init_state(setup)
-  batch = place(setup, host_batch(config))
-  step = step_lib.jit_train_step(setup)
-  losses = []
-  for _ in range(config.train.steps):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
+  losses, _ = train_on_fixed_batch(setup_on(config, dict(data=2, fsdp=2, tensor=2, expert=1)), config)
   assert losses[-1] < losses[0] / 10, losses[::10]

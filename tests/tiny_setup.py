@@ -9,12 +9,14 @@ import data_pipelines
 from mm15_jax import configs
 from mm15_jax import sharding as shd
 from mm15_jax.train import state as state_lib
+from mm15_jax.train import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  c = configs.load_experiment(os.path.join(ROOT, "experiments", "tiny.py"))
+def tiny_config(experiment="tiny.py", **overrides):
+  """A tiny experiment with test-sized data; overrides by dotted path ("model.moe.impl")."""
+  c = configs.load_experiment(os.path.join(ROOT, "experiments", experiment))
   c.train.batch_size = 8
   c.data.num_examples = 256
   c.data.prefetch = 1
@@ -46,3 +48,15 @@ def setup_on(config, mesh_axes, devices=None):
 
 def place(setup, batch):
   return {k: jax.device_put(np.asarray(v), setup.batch_sharding(np.ndim(v))) for k, v in batch.items()}
+
+
+def train_on_fixed_batch(setup, config):
+  """`config.train.steps` steps on one batch: (losses, last metrics)."""
+  state = state_lib.init_state(setup)
+  batch = place(setup, host_batch(config))
+  step = step_lib.jit_train_step(setup)
+  losses = []
+  for _ in range(config.train.steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, metrics
