@@ -35,10 +35,7 @@ import numpy as np
 import psutil
 from absl import flags
 
-from data_pipelines import mixture
-from data_pipelines import packing
-from data_pipelines import pipeline
-from data_pipelines import records
+from data_pipelines import mixture, packing, pipeline, records
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.sequence import ExampleBuilder
 from mm15_jax import configs
@@ -153,7 +150,8 @@ def time_pipeline(config, tokenizer, warmup: int, batches: int) -> dict:
   it = iter(pipeline.make_train_dataset(config, tokenizer))
   next(it)  # worker start-up (spawned processes import the code) and the first fills
   startup_s = round(clock.stop()[0], 1)
-  out = _timed(it, warmup, batches, config.model.connector.tokens_per_tile, f"pipeline_workers{config.data.num_workers}")
+  name = f"pipeline_workers{config.data.num_workers}"
+  out = _timed(it, warmup, batches, config.model.connector.tokens_per_tile, name)
   del it  # stops the workers
   return dict(workers=config.data.num_workers, startup_s=startup_s, **out)
 

@@ -70,7 +70,7 @@ def main():
     layer = MoE(d, settings, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer, nnx.Param)
 
-    def moe_loss(p, x):
+    def moe_loss(p, x, graphdef=graphdef):
       y, stats = nnx.merge(graphdef, p)(x, valid)
       return jnp.mean(jnp.square(y.astype(jnp.float32))) + 0.01 * stats["lb_loss"]
 

@@ -41,7 +41,8 @@ def make_config(preset: dict, attention: str, remat: str | None):
                                    preset["vocab"])
   else:
     llm = c.model.llm
-    llm.n_layers, llm.d_model, llm.n_heads, llm.n_kv_heads = preset["layers"], preset["d"], preset["heads"], preset["kv"]
+    llm.n_layers, llm.d_model = preset["layers"], preset["d"]
+    llm.n_heads, llm.n_kv_heads = preset["heads"], preset["kv"]
     llm.head_dim, llm.mlp_dim, llm.vocab_size = preset["d"] // preset["heads"], preset["mlp"], preset["vocab"]
   c.model.dtype = preset["dtype"]
   c.model.remat = remat or preset["remat"]

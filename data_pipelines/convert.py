@@ -18,12 +18,10 @@ import json
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data_pipelines import records
-from data_pipelines import sources
+from data_pipelines import records, sources
 
 # group_size:1 makes every record its own chunk: fast random access, which grain needs.
 WRITER_OPTIONS = "group_size:1"

@@ -31,14 +31,10 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
-from PIL import ImageDraw
-from PIL import ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from data_pipelines import anyres as anyres_lib
-from data_pipelines import coordinates
-from data_pipelines import mixture
-from data_pipelines import records
+from data_pipelines import coordinates, mixture, records
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.sequence import ExampleBuilder
 

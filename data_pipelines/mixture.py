@@ -17,8 +17,7 @@ grain's worker processes run.
 
 import grain
 
-from data_pipelines import builtin
-from data_pipelines import records
+from data_pipelines import builtin, records
 from data_pipelines import sources as sources_lib
 from data_pipelines.sequence import ExampleBuilder
 

@@ -16,8 +16,7 @@ own records. The iterator from `iter(make_train_dataset(...))` is checkpointable
 
 import grain
 
-from data_pipelines import mixture
-from data_pipelines import packing
+from data_pipelines import mixture, packing
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.sequence import ExampleBuilder
 

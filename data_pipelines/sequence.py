@@ -42,8 +42,7 @@ example left with nothing to train on is dropped (None).
 import numpy as np
 
 from data_pipelines import anyres as anyres_lib
-from data_pipelines import coordinates
-from data_pipelines import records
+from data_pipelines import coordinates, records
 
 USER = "User:"
 ASSISTANT = "Assistant:"
@@ -149,6 +148,34 @@ class ExampleBuilder:
     if len(blocks) != len(layouts):
       raise records.MalformedRecord(f"{len(blocks)} {records.IMAGE_MARKER!r} markers but {len(layouts)} images")
     return ids, loss, blocks
+
+  def prompt(self, record: dict) -> dict:
+    """Inference input: a conversation record whose last turn is the user's, laid out exactly as
+    training lays out the same turns, then the "Assistant:" prefix the answer follows.
+
+    Returns dict(tokens int32 [n], image_slots int32 [tiles*K], tiles uint8 [tiles, S, S, 3],
+    layouts: the images' anyres.Layout). Coordinates are remapped as in training (coords
+    "image", one image). Never truncated: more tiles than max_tiles raise ValueError.
+    """
+    messages = record["messages"]
+    if not messages or messages[-1]["role"] != "user":
+      raise ValueError("a prompt is a conversation whose last message is the user's; got roles "
+                       f"{[m['role'] for m in messages]}")
+    images = record.get("images", [])
+    layouts = anyres_lib.plan_images([im.shape[:2] for im in images], tile=self.tile, anyres=self.anyres)
+    if record.get("coords") == "image" and len(images) == 1:
+      messages = [dict(m, content=coordinates.remap_text(m["content"], layouts[0])) for m in messages]
+    ids, _, blocks = self._layout_tokens(messages, layouts)
+    tiles = sum(layout.num_tiles for layout in layouts)
+    if tiles > self.max_tiles:
+      raise ValueError(f"the prompt's {len(images)} image(s) make {tiles} tiles but data.max_tiles={self.max_tiles}; "
+                       "give fewer or smaller images, or raise --config.data.max_tiles")
+    t = self.tile
+    tiles_u8 = [anyres_lib.render_tiles(image, layout) for image, layout in zip(images, layouts)]
+    return dict(tokens=np.asarray(ids + self._assistant, np.int32),
+                image_slots=np.asarray([p for _, _, slots in blocks for p in slots], np.int32).reshape(-1),
+                tiles=np.concatenate(tiles_u8) if tiles_u8 else np.zeros((0, t, t, 3), np.uint8),
+                layouts=layouts)
 
   def __call__(self, record: dict | None) -> dict | None:
     """A record, or {"skipped": 1, ...} for one that failed to decode -> Example (skipped=1 for

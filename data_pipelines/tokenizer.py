@@ -16,8 +16,7 @@ import tempfile
 
 import sentencepiece as spm
 
-from data_pipelines import builtin
-from data_pipelines import sequence
+from data_pipelines import builtin, sequence
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 IMAGE_TOKEN = "<image>"

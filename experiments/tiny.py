@@ -20,4 +20,5 @@ def get_config(arg=None):
   c.train.warmup_steps = 20
   c.checkpoint.every = 100
   c.log_every = 10
+  c.eval.generate_per_task = 24  # the quick start ends by answering held-out questions
   return c

@@ -9,7 +9,7 @@ from mm15_jax import sharding as shd
 
 
 def check_config(config, mesh=None, tokenizer=None) -> None:
-  m, d, t = config.model, config.data, config.train
+  m, t = config.model, config.train
   llm, vit = m.llm, m.vit
   errors = []
   if llm.n_heads % llm.n_kv_heads:

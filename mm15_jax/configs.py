@@ -201,7 +201,9 @@ def base() -> ml_collections.ConfigDict:
   )
   c.checkpoint = dict(every=100, keep=3, async_save=True)
   c.init = dict(from_checkpoint="")  # params of a previous stage's run (a workdir or a step dir)
-  c.eval = dict(every=0, batches=4)  # every=0: evaluate only at the end
+  # every=0: evaluate only at the end. generate_per_task > 0: after training, answer that many
+  # held-out questions per built-in task by generation (accuracy per task, a grounding PNG).
+  c.eval = dict(every=0, batches=4, generate_per_task=0)
   c.log_every = 10
   return c
 

@@ -30,6 +30,7 @@ def summarize(config, devices: int) -> dict:
   import jax
   import numpy as np
   from flax import nnx
+
   from mm15_jax import sharding as shd
   from mm15_jax.train import state as state_lib
   from mm15_jax.train.flops import param_counts
@@ -47,7 +48,8 @@ def summarize(config, devices: int) -> dict:
     axes = jax.tree.leaves(logical[name], is_leaf=lambda x: isinstance(x, tuple))
     count = sum(math.prod(x.shape) for x in leaves)
     shard_elems = sum(
-        math.prod(x.shape) / math.prod(shd.axis_size(e, mesh) for e in shd.logical_to_mesh(a, config.sharding_rules, mesh))
+        math.prod(x.shape)
+        / math.prod(shd.axis_size(e, mesh) for e in shd.logical_to_mesh(a, config.sharding_rules, mesh))
         for x, a in zip(leaves, axes))
     chip = shard_elems * (param_bytes + 8)  # params + two float32 Adam moments
     per_chip += chip

@@ -8,8 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data_pipelines import anyres
-from data_pipelines import coordinates
+from data_pipelines import anyres, coordinates
 
 # (h, w, tile, n_min, n_max, expected grid, reason)
 GRID_CASES = [

@@ -13,12 +13,9 @@ import re
 import grain
 import numpy as np
 import pytest
-from PIL import Image
-from PIL import ImageDraw
-from PIL import ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
-from data_pipelines import builtin
-from data_pipelines import records
+from data_pipelines import builtin, records
 
 N = 60  # records per source and check
 # Typed in from data_pipelines/shapes.py's palette (the generator's, not derived from it).
@@ -121,10 +118,11 @@ def caption_of(image):
 
 KIND_OF = {"caption": "caption", "interleaved": "interleaved", "qa": "conversation", "text_rich": "conversation",
            "counting": "conversation", "refer": "conversation", "ground": "conversation",
-           "multi_image": "multi_image", "text_doc": "text", "text_chat": "text"}
+           "multi_image": "multi_image", "text_doc": "text", "text_chat": "text", "ui": "conversation"}
 CATEGORIES = {"caption": {"caption"}, "interleaved": {""}, "qa": {"general"}, "text_rich": {"text_rich"},
               "counting": {"general", "math"}, "refer": {"refer_ground"}, "ground": {"refer_ground"},
-              "multi_image": {"general", "math"}, "text_doc": {""}, "text_chat": {"general", "math"}}
+              "multi_image": {"general", "math"}, "text_doc": {""}, "text_chat": {"general", "math"},
+              "ui": {"refer_ground"}}
 
 
 def digest(rec):
@@ -150,7 +148,7 @@ def test_records_are_valid(name):
     assert sum(m["content"].count("<image>") for m in rec["messages"]) == len(rec["images"])
     for image in rec["images"]:
       assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    assert rec["coords"] == ("image" if name in ("refer", "ground", "text_rich") else "none")
+    assert rec["coords"] == ("image" if name in ("refer", "ground", "text_rich", "ui") else "none")
     assert records.decode(records.encode(rec))["messages"] == rec["messages"]
 
 
@@ -239,7 +237,7 @@ def test_counting_answers_match_pixels():
   for rec in make("counting", 100):
     objects, _ = find_objects(rec["images"][0])
     ((q, a),) = turns(rec)
-    count = lambda **kw: sum(all(o[k] == v for k, v in kw.items()) for o in objects)
+    count = lambda objects=objects, **kw: sum(all(o[k] == v for k, v in kw.items()) for o in objects)
     if q == "How many shapes are there?":
       want = len(objects)
     elif m := re.fullmatch(r"How many (\w+) are there\?", q):

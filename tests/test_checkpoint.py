@@ -7,11 +7,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from tiny_setup import setup_on, tiny_config
 
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax.train import state as state_lib
 from mm15_jax.train.loop import train_and_evaluate
-from tiny_setup import setup_on, tiny_config
 
 MESH_A = dict(data=8, fsdp=1, tensor=1, expert=1)
 MESH_B = dict(data=2, fsdp=2, tensor=2, expert=1)
@@ -107,7 +106,8 @@ def test_cli_writes_metrics_events_and_checkpoints(tmp_path):
   subprocess.run(
       [sys.executable, "-m", "mm15_jax.train", "--config=experiments/tiny.py", f"--workdir={tmp_path}",
        "--config.train.steps=2", "--config.log_every=1", "--config.checkpoint.every=2",
-       "--config.train.batch_size=4", "--config.eval.batches=1", "--config.mesh.data=2", "--no_progress"],
+       "--config.train.batch_size=4", "--config.eval.batches=1", "--config.mesh.data=2", "--no_progress",
+       "--config.eval.generate_per_task=2"],
       cwd=root, env=env, check=True, capture_output=True, text=True, timeout=600)
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
@@ -116,6 +116,10 @@ def test_cli_writes_metrics_events_and_checkpoints(tmp_path):
   for r in train_rows:
     assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "mfu"} <= set(r)
     assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
-  assert rows[-1]["kind"] == "eval" and 0 <= rows[-1]["exact_match"] <= 1
+  evals = {r["kind"]: r for r in rows if "kind" in r}
+  assert 0 <= evals["eval"]["exact_match"] <= 1
+  # The run ends by answering held-out questions per built-in task, with a grounding picture.
+  assert set(evals["eval_tasks"]) >= {"qa", "ground", "multi_image"}
+  assert (tmp_path / "eval_tasks" / "REPORT.md").exists() and (tmp_path / "eval_tasks" / "grounding.png").exists()
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
   assert (tmp_path / "checkpoints" / "2" / "params").exists()

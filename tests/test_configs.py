@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from mm15_jax import configs
 from mm15_jax import summary as summary_lib
 
@@ -84,7 +85,8 @@ def test_summary_cli_json():
 
 def test_summary_cli_reports_active_params_of_moe():
   out = subprocess.run(
-      [sys.executable, "-m", "mm15_jax.summary", "--config", os.path.join(ROOT, "experiments", "tiny_moe.py"), "--json"],
+      [sys.executable, "-m", "mm15_jax.summary", "--json",
+       "--config", os.path.join(ROOT, "experiments", "tiny_moe.py")],
       capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   s = json.loads(out.stdout)
   c = configs.load_experiment(os.path.join(ROOT, "experiments", "tiny_moe.py"))

@@ -13,8 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import data_pipelines as dp
-from data_pipelines import mixture
-from data_pipelines import records
+from data_pipelines import mixture, records
 from mm15_jax import batch as batch_lib
 from mm15_jax import configs
 

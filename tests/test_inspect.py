@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import anyres
+from data_pipelines import anyres, mixture, records
 from data_pipelines import inspect as inspect_lib
-from data_pipelines import mixture
-from data_pipelines import records
 from experiments import tiny
 
 ZOOM = 4
@@ -101,7 +99,7 @@ def test_grounding_box_drawn_where_the_text_says(config, tmp_path):
     png = np.asarray(Image.open(tmp_path / e["png"]).convert("RGB")).astype(int)
     hit = np.all(png == color, axis=-1)
 
-    def near(rows, cols):
+    def near(rows, cols, hit=hit):
       return hit[max(rows.start, 0):rows.stop, max(cols.start, 0):cols.stop].any()
 
     inner_x = range(int(x1 + 0.25 * (x2 - x1)) + 1, int(x2 - 0.25 * (x2 - x1)))

@@ -181,7 +181,7 @@ def test_remat_policies_agree():
     model = Decoder(tiny_llm(), remat=remat, rngs=nnx.Rngs(3))
     graphdef, params = nnx.split(model, nnx.Param)
 
-    def loss(params):
+    def loss(params, graphdef=graphdef):
       return (nnx.merge(graphdef, params)(tokens, positions, segments) ** 2).mean()
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)

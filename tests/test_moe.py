@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from mm15_jax import configs
 from mm15_jax import sharding as shd

@@ -4,10 +4,10 @@ import os
 
 import jax
 import pytest
+from tiny_setup import ROOT, setup_on, tiny_config, train_on_fixed_batch
 
 from mm15_jax import configs
 from mm15_jax import summary as summary_lib
-from tiny_setup import ROOT, setup_on, tiny_config, train_on_fixed_batch
 
 
 def hand_count_moe_llm(size):

@@ -9,8 +9,7 @@ import grain
 import numpy as np
 import pytest
 
-from data_pipelines import packing
-from data_pipelines import sequence
+from data_pipelines import packing, sequence
 from data_pipelines import tokenizer as tokenizer_lib
 from mm15_jax import batch as batch_lib
 from mm15_jax import configs

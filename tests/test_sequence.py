@@ -9,9 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from data_pipelines import anyres
-from data_pipelines import records
-from data_pipelines import sequence
+from data_pipelines import anyres, records, sequence
 from data_pipelines import tokenizer as tokenizer_lib
 from mm15_jax import configs
 

@@ -17,9 +17,7 @@ import PIL.Image
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data_pipelines import convert
-from data_pipelines import records
-from data_pipelines import sources
+from data_pipelines import convert, records, sources
 
 M = records.IMAGE_MARKER
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

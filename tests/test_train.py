@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_setup import host_batch, place, setup_on, tiny_config, train_on_fixed_batch
 
 from mm15_jax.train import optimizer as opt_lib
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 from mm15_jax.train.loss import masked_cross_entropy
-from tiny_setup import host_batch, place, setup_on, tiny_config, train_on_fixed_batch
 
 
 def loss_and_grads_on(config, mesh_axes, batch, devices=None):

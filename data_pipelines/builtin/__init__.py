@@ -3,7 +3,8 @@
 `SOURCES[name](split, num_examples, seed=0, image_scale=1.0)` is a grain random-access
 source of records (data_pipelines/records.py schema); record i is a pure function of
 (seed, split, i, task), and "train" and "eval" never share an example. Image sides are
-24..96 px times image_scale, aspect ratios 1:4..4:1.
+24..96 px times image_scale, aspect ratios 1:4..4:1 (ui: tall screens, 72..108 px wide, 1.8 to
+3 times as tall).
 
   name         kind          category                   what
   caption      caption       caption                    "A red circle and a blue square on a white background."
@@ -16,14 +17,13 @@ source of records (data_pipelines/records.py schema); record i is a pure functio
   multi_image  multi_image   general | math             2-4 images: which has most / has a red circle / ...
   text_doc     text          ""                         documents of arithmetic and word facts
   text_chat    text          math | general             user/assistant questions about those facts
+  ui           conversation  refer_ground (image)       phone screens: what is at [x, y], where is the
+                                                        Save button, is the Wi-Fi toggle on (not in
+                                                        MIXTURES: experiments/mm15_ui.py adds it)
 """
 
-from data_pipelines.builtin import multi_image
-from data_pipelines.builtin import single_image
-from data_pipelines.builtin import text_only
-from data_pipelines.builtin import text_rich
-from data_pipelines.builtin.source import SPLITS
-from data_pipelines.builtin.source import Source
+from data_pipelines.builtin import multi_image, single_image, text_only, text_rich, ui
+from data_pipelines.builtin.source import SPLITS, Source
 
 SOURCES = {
     "caption": single_image.Caption,
@@ -36,6 +36,7 @@ SOURCES = {
     "multi_image": multi_image.MultiImage,
     "text_doc": text_only.TextDoc,
     "text_chat": text_only.TextChat,
+    "ui": ui.UI,
 }
 
 # SFT: single-image 0.8 (inside it roughly the spec's category mix: text-rich first, then

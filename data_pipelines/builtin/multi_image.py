@@ -4,8 +4,7 @@ documents (kind interleaved: paragraphs describing each picture between the pict
 
 import collections
 
-from data_pipelines.builtin import scenes
-from data_pipelines.builtin import source
+from data_pipelines.builtin import scenes, source
 from data_pipelines.builtin.source import IMAGE_MARKER
 
 

@@ -8,9 +8,7 @@ colour, and its box (pixel edges) is that region's bounding box.
 import dataclasses
 
 import numpy as np
-from PIL import Image
-from PIL import ImageDraw
-from PIL import ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 # Pure RGB values, no antialiasing: a shape's pixels equal its colour exactly.
 COLORS = {

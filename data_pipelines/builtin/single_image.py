@@ -5,8 +5,7 @@ image (coordinates.py), so those records carry coords="image".
 """
 
 from data_pipelines import coordinates
-from data_pipelines.builtin import scenes
-from data_pipelines.builtin import source
+from data_pipelines.builtin import scenes, source
 from data_pipelines.builtin.source import IMAGE_MARKER
 
 PREFIX = IMAGE_MARKER + "\n"

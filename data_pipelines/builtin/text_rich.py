@@ -3,8 +3,7 @@ questions ask to read them (all, first, last, in a box), count them or name thei
 """
 
 from data_pipelines import coordinates
-from data_pipelines.builtin import scenes
-from data_pipelines.builtin import source
+from data_pipelines.builtin import scenes, source
 from data_pipelines.builtin.source import IMAGE_MARKER
 
 

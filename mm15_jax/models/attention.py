@@ -82,6 +82,28 @@ def _xla(q, k, v, q_segment_ids, kv_segment_ids, causal):
   return out.reshape(b, q_len, heads, head_dim)
 
 
+def decode_attention(q, k, v, cache_k, cache_v, lengths):
+  """One new query per row against a KV cache and its own key (incremental decoding).
+
+  q: [batch, 1, heads, head_dim]; k, v: [batch, 1, kv_heads, head_dim] of the new token;
+  cache_k, cache_v: [batch, max_len, kv_heads, head_dim] with the row's earlier tokens in slots
+  [0, lengths) (int [batch]); later slots are ignored. The einsum path on every backend: a
+  single query row gains nothing from a flash kernel. Returns [batch, 1, heads, head_dim].
+  """
+  b, _, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, 1, kv_heads, heads // kv_heads, head_dim)
+  scale = 1.0 / np.sqrt(head_dim)
+  past = jnp.einsum("bqkgd,bskd->bkgqs", q, cache_k, preferred_element_type=jnp.float32) * scale
+  own = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  filled = jnp.arange(cache_k.shape[1])[None, :] < lengths[:, None]  # [batch, max_len]
+  past = jnp.where(filled[:, None, None, None], past, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(jnp.concatenate([past, own], axis=-1), axis=-1).astype(v.dtype)
+  out = (jnp.einsum("bkgqs,bskd->bqkgd", probs[..., :-1], cache_v, preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgqs,bskd->bqkgd", probs[..., -1:], v, preferred_element_type=jnp.float32))
+  return out.reshape(b, 1, heads, head_dim).astype(q.dtype)
+
+
 def _pad_lengths(q, k, v, q_segment_ids, kv_segment_ids, multiple):
   """Pads q_len and kv_len up to a multiple with segment id 0 (padding attends to nothing)."""
   pq, pkv = -q.shape[1] % multiple, -k.shape[1] % multiple

@@ -99,8 +99,10 @@ class CAbstractor(nnx.Module):
     self.stage2 = nnx.List([block(hidden_dim, hidden_dim) for _ in range(depth)])
     p = lambda init, shape, names: param(rngs, init, shape, names, param_dtype)
     zeros = jax.nn.initializers.zeros
-    self.readout1, self.readout1_bias = p(dense_init(0), (hidden_dim, d_model), (None, "embed")), p(zeros, (d_model,), (None,))
-    self.readout2, self.readout2_bias = p(dense_init(0), (d_model, d_model), ("mlp", "embed")), p(zeros, (d_model,), (None,))
+    self.readout1 = p(dense_init(0), (hidden_dim, d_model), (None, "embed"))
+    self.readout1_bias = p(zeros, (d_model,), (None,))
+    self.readout2 = p(dense_init(0), (d_model, d_model), ("mlp", "embed"))
+    self.readout2_bias = p(zeros, (d_model,), (None,))
 
   def __call__(self, x):
     # x: [n, patches, vit_width] -> [n, tokens_per_tile, d_model]

@@ -7,17 +7,23 @@ blocks and one MoE block last, so compile time still does not grow with depth.
 `embed(tokens)` and `decode(x, positions, segment_ids)` are separate so the multimodal model
 can write image tokens into the embedded sequence between the two.
 The stacking helpers (`stack_layers`, `scan_layers`) are shared with the ViT.
+
+Inference (mm15_jax/inference): `prefill` runs a prompt like `decode` and also returns every
+layer's keys and values, the KV cache [n_layers, batch, length, kv_heads, head_dim] (RoPE
+applied); `step` feeds one token per row against that cache and writes its keys and values
+in. Same parameters, same blocks, so the cached path computes what the full forward does.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mm15_jax.models.attention import attention, check_impl
+from mm15_jax.models.attention import attention, check_impl, decode_attention
 from mm15_jax.models.moe import MoE, check_moe, moe_settings, upcycle_dense_mlp
 from mm15_jax.sharding import constrain
 
 REMAT = ("none", "full", "dots")
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 def param(rngs, init, shape, names, dtype):
@@ -73,6 +79,18 @@ def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1, has_aux:
   return (x, aux) if has_aux else x
 
 
+def scan_blocks(layers, x, fn, xs=None, unroll: int = 1):
+  """`fn(block, x, xs_l) -> (x, ys_l)` over stacked `layers`; per-layer inputs `xs` and outputs
+  `ys` stacked on the leading axis (the KV cache at inference). Returns (x, ys)."""
+  graphdef, state = nnx.split(layers)
+
+  def body(x, inputs):
+    layer_state, xs_l = inputs
+    return fn(nnx.merge(graphdef, layer_state), x, xs_l)
+
+  return jax.lax.scan(body, x, (state, xs), unroll=unroll)
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
@@ -120,28 +138,55 @@ class DecoderBlock(nnx.Module):
     self.up = p(dense_init(0), (d, f), ("embed", "mlp"))
     self.down = p(dense_init(0), (f, d), ("mlp", "embed"))
 
-  def __call__(self, x, positions, segment_ids):
-    # x: [batch, length, embed]
+  def _qkv(self, x, positions):
+    # x: [batch, length, embed] -> q [batch, length, heads, head_dim], k, v [.., kv_heads, ..], RoPE on q, k.
     w = lambda v: v[...].astype(self.dtype)
     y = self.attn_norm(x)
     q = constrain(jnp.einsum("bld,dhk->blhk", y, w(self.q)), ("batch", "length", "heads", "head_dim"))
     k = constrain(jnp.einsum("bld,dhk->blhk", y, w(self.k)), ("batch", "length", "kv_heads", "head_dim"))
     v = constrain(jnp.einsum("bld,dhk->blhk", y, w(self.v)), ("batch", "length", "kv_heads", "head_dim"))
-    q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
-    a = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-                  impl=self.attention_impl)  # [batch, length, heads, head_dim]
+    return rope(q, positions, self.theta), rope(k, positions, self.theta), v
+
+  def _rest(self, x, a, valid):
+    """Attention output projection, then the MLP (or MoE): (x, MoE stats or None)."""
+    w = lambda v: v[...].astype(self.dtype)
     x = constrain(x + jnp.einsum("blhk,hkd->bld", a, w(self.o)), ("batch", "length", "embed"))
 
     y = self.mlp_norm(x)
     if hasattr(self, "moe"):
       # Padding (segment 0) takes no expert capacity and no part in the routing statistics.
-      y, stats = self.moe(y, valid=segment_ids != 0)
+      y, stats = self.moe(y, valid=valid)
       return constrain(x + y, ("batch", "length", "embed")), stats
     g = jnp.einsum("bld,df->blf", y, w(self.gate))
     u = jnp.einsum("bld,df->blf", y, w(self.up))
     hidden = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
     x = constrain(x + jnp.einsum("blf,fd->bld", hidden, w(self.down)), ("batch", "length", "embed"))
-    return x
+    return x, None
+
+  def _self_attention(self, q, k, v, segment_ids):
+    return attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
+                     impl=self.attention_impl)  # [batch, length, heads, head_dim]
+
+  def __call__(self, x, positions, segment_ids):
+    # x: [batch, length, embed]
+    q, k, v = self._qkv(x, positions)
+    x, stats = self._rest(x, self._self_attention(q, k, v, segment_ids), segment_ids != 0)
+    return x if stats is None else (x, stats)
+
+  def prefill(self, x, positions, segment_ids):
+    """`__call__` that also returns this layer's (k, v) [batch, length, kv_heads, head_dim]."""
+    q, k, v = self._qkv(x, positions)
+    x, _ = self._rest(x, self._self_attention(q, k, v, segment_ids), segment_ids != 0)
+    return x, (k, v)
+
+  def step(self, x, positions, cache, lengths):
+    """One new token per row: x [batch, 1, embed], positions int [batch, 1]; cache (k, v)
+    [batch, max_len, kv_heads, head_dim] holding the row's earlier tokens in slots [0, lengths).
+    Returns (x, the new token's (k, v) [batch, 1, kv_heads, head_dim])."""
+    q, k, v = self._qkv(x, positions)
+    a = decode_attention(q, k, v, *cache, lengths)
+    x, _ = self._rest(x, a, jnp.ones(x.shape[:2], bool))
+    return x, (k, v)
 
 
 class DecoderGroup(nnx.Module):
@@ -157,6 +202,18 @@ class DecoderGroup(nnx.Module):
     if hasattr(self, "dense"):  # the outer scan's remat covers these too
       x = scan_layers(self.dense, x, positions, segment_ids, unroll=self.scan_unroll)
     return self.sparse(x, positions, segment_ids)
+
+  def blocks(self, x, fn, xs=None):
+    """`fn(block, x, xs_l) -> (x, ys_l)` over the group's `interval` blocks in order (xs, ys:
+    leading axis `interval`), for the inference passes."""
+    take = lambda sl: None if xs is None else jax.tree.map(lambda a: a[sl], xs)
+    ys = []
+    if hasattr(self, "dense"):
+      x, y = scan_blocks(self.dense, x, fn, take(slice(None, -1)), unroll=self.scan_unroll)
+      ys.append(y)
+    x, y = fn(self.sparse, x, take(-1))
+    ys.append(jax.tree.map(lambda a: a[None], y))
+    return x, jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
 
 
 def no_moe_aux():
@@ -221,14 +278,52 @@ class Decoder(nnx.Module):
       x, stats = scan(has_aux=True)  # each [groups, ...]
       aux = dict(moe_lb_loss=jnp.mean(stats["lb_loss"]), moe_z_loss=jnp.mean(stats["z_loss"]),
                  expert_load=jnp.mean(stats["load"], axis=0), dropped_tokens=jnp.sum(stats["dropped"]))
+    logits = self.head(x)
+    return (logits, aux) if return_aux else logits
+
+  def head(self, x):
+    """Final norm and LM head: [batch, length, embed] -> float32 [batch, length, vocab]."""
     x = self.final_norm(x)
     if self.tie:
       head = self.embedding[...].astype(self.dtype).T
     else:
       head = self.lm_head[...].astype(self.dtype)
     logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "length", "vocab"))
-    return (logits, aux) if return_aux else logits
+    return constrain(logits, ("batch", "length", "vocab"))
+
+  def _blocks(self, x, fn, cache=None):
+    """`fn(block, x, cache_l) -> (x, kv_l)` over every layer in order; kv stacked [n_layers, ...]."""
+    if not self.is_moe:
+      return scan_blocks(self.layers, x, fn, cache, unroll=self.scan_unroll)
+    groups = self.layers.sparse.attn_norm.scale.shape[0]
+    grouped = None if cache is None else jax.tree.map(lambda a: a.reshape((groups, -1) + a.shape[1:]), cache)
+    x, kv = scan_blocks(self.layers, x, lambda group, x, c: group.blocks(x, fn, c), grouped,
+                        unroll=self.scan_unroll)
+    return x, jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), kv)
+
+  def prefill(self, x, positions, segment_ids, last):
+    """The prompt pass of inference: `decode` that also fills the KV cache.
+
+    x: [batch, length, embed] (embedded, images written in); positions, segment_ids as in
+    `decode`; last: int [batch], each row's last prompt token. Returns (logits float32
+    [batch, vocab] at `last`, cache dict(k, v) [n_layers, batch, length, kv_heads, head_dim]).
+    """
+    x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
+    x, (k, v) = self._blocks(x, lambda block, x, _: block.prefill(x, positions, segment_ids))
+    x = x[jnp.arange(x.shape[0]), last][:, None]  # the norm and head act per position
+    return self.head(x)[:, 0], dict(k=constrain(k, CACHE_AXES), v=constrain(v, CACHE_AXES))
+
+  def step(self, x, positions, cache, lengths):
+    """One decoding step: x [batch, 1, embed] (the newest token), positions int [batch, 1];
+    cache dict(k, v) [n_layers, batch, max_len, kv_heads, head_dim], slots [0, lengths) filled.
+    Returns (logits float32 [batch, vocab], the cache with this token written at slot `lengths`).
+    Shapes are static: nothing recompiles per step."""
+    x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
+    x, (k, v) = self._blocks(x, lambda block, x, c: block.step(x, positions, c, lengths), (cache["k"], cache["v"]))
+    rows = jnp.arange(x.shape[0])
+    cache = {name: constrain(cache[name].at[:, rows, lengths].set(new[:, :, 0]), CACHE_AXES)
+             for name, new in (("k", k), ("v", v))}
+    return self.head(x)[:, 0], cache
 
   def __call__(self, tokens, positions, segment_ids, *, return_aux=False):
     return self.decode(self.embed(tokens), positions, segment_ids, return_aux=return_aux)

@@ -40,6 +40,11 @@ class MM15(nnx.Module):
     image_token_positions: int [B, T*K], -1 = unused slot. Shapes are static: unused tiles
     still run through the ViT (their tokens are dropped), so nothing here recompiles per batch.
     """
+    x = self.embed(tokens, images, image_token_positions)
+    return self.llm.decode(x, positions, segment_ids, return_aux=return_aux)
+
+  def embed(self, tokens, images, image_token_positions):
+    """The embedded sequence [B, L, D] with each tile's connector tokens written at its slots."""
     x = self.llm.embed(tokens)  # [B, L, D]
     b, length, d = x.shape
     t = images.shape[1]
@@ -55,4 +60,14 @@ class MM15(nnx.Module):
       idx = jnp.where(image_token_positions < 0, length, image_token_positions)
       x = x.at[jnp.arange(b)[:, None], idx].set(img, mode="drop")
       x = constrain(x, ("batch", "length", "embed"))
-    return self.llm.decode(x, positions, segment_ids, return_aux=return_aux)
+    return x
+
+  def prefill(self, tokens, positions, segment_ids, images, image_token_positions, last):
+    """Inference's prompt pass (inputs as `__call__`, one prompt per row; last: int [B], each
+    row's last prompt token) -> (logits [B, vocab] there, KV cache; see `Decoder.prefill`)."""
+    x = self.embed(tokens, images, image_token_positions)
+    return self.llm.prefill(x, positions, segment_ids, last)
+
+  def step(self, tokens, positions, cache, lengths):
+    """One decoding step: tokens, positions, lengths int [B] -> (logits [B, vocab], cache); see `Decoder.step`."""
+    return self.llm.step(self.llm.embed(tokens[:, None]), positions[:, None], cache, lengths)

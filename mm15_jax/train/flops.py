@@ -1,7 +1,8 @@
 """Model FLOPs and peak device FLOP/s, for the MFU estimate.
 
 FLOPs per token (PaLM, appendix B): 6N + 12·L·H·Q·T with N the matmul params of the
-decoder that a token uses (for MoE: the top-k experts' share, plus the router) (the input embedding lookup is not a matmul) and the attention term NOT halved
+decoder that a token uses (for MoE: the top-k experts' share, plus the router; the input
+embedding lookup is not a matmul) and the attention term NOT halved
 for the causal mask (MaxText halves it; our MFU is therefore comparable to PaLM's).
 The encoder adds, per tile of P patches, 6·N_vit·P + 12·L_v·W·P² and the connector
 6·N_conn·P. Every processed tile counts, empty ones included, as they cost compute.

@@ -1,5 +1,6 @@
 """The training loop: mesh, data, state (fresh, resumed or from a previous stage), steps, eval."""
 
+import os
 import time
 
 import jax
@@ -30,6 +31,26 @@ def evaluate(eval_fn, params, eval_batches, put) -> dict:
       exact_match=float(totals["exact"]) / max(float(totals["examples"]), 1.0),
       examples=int(totals["examples"]),
   )
+
+
+def _all_builtin(config) -> bool:
+  return all(spec.get("kind", "builtin") == "builtin" for spec in config.data.sources.values())
+
+
+def answer_held_out_questions(config, params, tokenizer, workdir: str) -> dict:
+  """Generates answers to held-out built-in questions: accuracy per task, REPORT.md, grounding.png."""
+  from mm15_jax.evaluation.builtin_eval import evaluate_builtin  # inference is only needed here
+  from mm15_jax.inference import Model
+
+  out_dir = os.path.join(workdir, "eval_tasks")
+  model = Model.from_params(config, params, tokenizer)
+  accuracy = evaluate_builtin(model, config, num_per_task=config.eval.generate_per_task,
+                              out_dir=out_dir if jax.process_index() == 0 else None)
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, "REPORT.md")) as f:
+      print(f.read())
+    print(f"grounding example: {os.path.join(out_dir, 'grounding.png')}")
+  return accuracy
 
 
 def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
@@ -112,6 +133,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     writer.message(
         f"eval: loss {result['loss']:.4f}, token accuracy {result['token_accuracy']:.3f}, "
         f"exact match {result['exact_match']:.3f} on {result['examples']} examples")
+    if config.eval.generate_per_task and _all_builtin(config):
+      tasks = answer_held_out_questions(config, state["params"], tokenizer, workdir)
+      writer.write(int(jax.device_get(state["step"])), tasks, kind="eval_tasks")
+      result["tasks"] = tasks
     return result
   finally:
     checkpointer.close()

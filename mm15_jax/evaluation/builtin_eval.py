@@ -1,0 +1,155 @@
+"""Evaluation on the built-in held-out split: accuracy per task, and a grounding picture.
+
+The questions are the first turn of the "eval" split records of data_pipelines.builtin
+(never seen in training: the splits draw from different random streams), generated with
+the config's seed and image scale, as the trainer's eval split. A question is asked with
+exactly the record's user text (image markers and coordinates on the image's 0..1000 scale
+included; the model remaps them to the AnyRes canvas as in training). Scoring:
+  - an answer with Ferret boxes (ground, and ui grounding): grounding accuracy, each
+    reference box against the answer's box at the same position, IoU >= 0.5 in pixels;
+  - every other answer: exact match of the whole answer after VQA normalisation.
+`baseline_accuracy` is what knowing no image scores: per question text, the most common
+train-split answer (the median train box for grounding), so "above chance" has a number.
+"""
+
+import collections
+import json
+import os
+
+import numpy as np
+
+from data_pipelines import builtin, coordinates
+from mm15_jax.evaluation import metrics as metrics_lib
+from mm15_jax.evaluation import runner
+
+# Built-in tasks that ask questions (the others are captions and documents).
+QUESTION_TASKS = ("qa", "text_rich", "counting", "refer", "ground", "multi_image", "text_chat", "ui")
+
+
+def config_tasks(config) -> list[str]:
+  """The question tasks among config.data.sources' built-in sources, in QUESTION_TASKS order
+  (all but ui if there are none)."""
+  tasks = []
+  for name, spec in config.data.sources.items():
+    task = spec.get("task", None) or name
+    if spec.get("kind", "builtin") == "builtin" and task in QUESTION_TASKS and task not in tasks:
+      tasks.append(task)
+  return sorted(tasks, key=QUESTION_TASKS.index) or [t for t in QUESTION_TASKS if t != "ui"]
+
+
+def pixel_boxes(text: str, image: np.ndarray) -> list[tuple[float, ...]]:
+  """Ferret boxes of text (0..1000 of the image) -> pixel edges of that image."""
+  h, w = image.shape[:2]
+  return [(coordinates.from_canvas(x1, w), coordinates.from_canvas(y1, h), coordinates.from_canvas(x2, w),
+           coordinates.from_canvas(y2, h)) for x1, y1, x2, y2 in (v for v in coordinates.parse(text) if len(v) == 4)]
+
+
+def questions(task: str, num: int, *, split: str = "eval", seed: int = 0, image_scale: float = 1.0) -> list[dict]:
+  """[{"prompt", "images", "answer", "boxes"}]: the first turn of the split's records;
+  boxes are the reference boxes in pixels when the answer grounds (else [])."""
+  if task not in builtin.SOURCES:
+    raise ValueError(f"task={task!r}: built-in tasks are {sorted(builtin.SOURCES)}")
+  source = builtin.SOURCES[task](split, num, seed=seed, image_scale=image_scale)
+  out = []
+  for i in range(len(source)):
+    record = source[i]
+    messages = record["messages"]
+    if messages[0]["role"] != "user":
+      raise ValueError(f"task={task!r} is not a question task (records are {record['kind']} documents)")
+    answer = messages[1]["content"]
+    boxes = pixel_boxes(answer, record["images"][0]) if record["coords"] == "image" else []
+    out.append(dict(prompt=messages[0]["content"], images=record["images"], answer=answer, boxes=boxes))
+  return out
+
+
+def score(question: dict, text: str, boxes) -> float:
+  """One answer's score: grounding accuracy when the reference has boxes, else exact match."""
+  if question["boxes"]:
+    return metrics_lib.grounding_accuracy([b for b in boxes if len(b) == 4], question["boxes"])
+  return metrics_lib.exact_match(text, [question["answer"]])
+
+
+def _generate(model, qs, batch_size, max_new_tokens):
+  answers = []
+  for start in range(0, len(qs), batch_size):
+    batch = qs[start:start + batch_size]
+    answers += model.generate_batch([q["prompt"] for q in batch], [q["images"] for q in batch],
+                                    max_new_tokens=max_new_tokens)
+  return answers
+
+
+def render_grounding(question: dict, answer, path: str) -> str:
+  """The image with the model's boxes ("model") and the reference boxes ("truth")."""
+  from mm15_jax.inference import render  # the inference package draws boxes with labels
+
+  predicted = [tuple(b) for b in answer.boxes if len(b) == 4]
+  render(question["images"][0], predicted + list(question["boxes"]),
+         ["model"] * len(predicted) + ["truth"] * len(question["boxes"]), path)
+  return path
+
+
+def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None = None, batch_size: int = 8,
+                     max_new_tokens: int = 80, out_dir: str | None = None, baseline: bool = True) -> dict:
+  """Accuracy per task (dict task -> accuracy in [0, 1]) of the model on held-out questions.
+
+  config: the model's (default model.config): seed, data.image_scale, data.eval_examples
+  (the default num_per_task) and the built-in tasks of data.sources (the default tasks).
+  With out_dir: REPORT.json (accuracy, baseline, num, a few examples per task),
+  REPORT.md and grounding.png (the first grounding question, model and true boxes).
+  """
+  config = config if config is not None else model.config
+  tasks = list(tasks) if tasks else config_tasks(config)
+  num = int(num_per_task or config.data.eval_examples)
+  seed, scale = int(config.seed), float(config.data.image_scale)
+  accuracy, examples, grounding_example = {}, {}, None
+  for task in tasks:
+    qs = questions(task, num, seed=seed, image_scale=scale)
+    answers = _generate(model, qs, batch_size, max_new_tokens)
+    scores = [score(q, a.text, a.boxes) for q, a in zip(qs, answers)]
+    accuracy[task] = float(np.mean(scores))
+    examples[task] = [dict(prompt=q["prompt"], answer=q["answer"], prediction=a.text, score=s)
+                      for q, a, s in list(zip(qs, answers, scores))[:3]]
+    if grounding_example is None:
+      grounding_example = next(((q, a) for q, a in zip(qs, answers) if q["boxes"]), None)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    chance = baseline_accuracy(tasks, num, seed=seed, image_scale=scale) if baseline else {}
+    report = dict(accuracy=accuracy, baseline=chance, num_per_task=num, examples=examples)
+    if grounding_example:
+      report["grounding_png"] = render_grounding(*grounding_example, os.path.join(out_dir, "grounding.png"))
+    with open(os.path.join(out_dir, "REPORT.json"), "w") as f:
+      json.dump(report, f, indent=1)
+    table = [[t, num, 100 * accuracy[t]] + ([100 * chance[t]] if chance else []) for t in tasks]
+    header = ["task", "num", "accuracy (%)"] + (["baseline (%)"] if chance else [])
+    with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
+      f.write("# Built-in held-out evaluation\n\n" + runner.markdown_table(header, table))
+      if grounding_example:
+        f.write("\n![grounding example](grounding.png)\n")
+  return accuracy
+
+
+def baseline_accuracy(tasks, num_per_task: int, *, seed: int = 0, image_scale: float = 1.0,
+                      train_examples: int = 1000) -> dict:
+  """Accuracy without looking at the image: the most common train answer to the same
+  question text (else to any question of the task); for grounding, the median train box
+  (0..1000 of the image, per coordinate) for every reference box."""
+  out = {}
+  for task in tasks:
+    train = questions(task, train_examples, split="train", seed=seed, image_scale=image_scale)
+    by_question = collections.defaultdict(collections.Counter)
+    for q in train:
+      by_question[q["prompt"]][q["answer"]] += 1
+    overall = sum(by_question.values(), collections.Counter())
+    canvas_boxes = [v for q in train for v in coordinates.parse(q["answer"]) if len(v) == 4 and q["boxes"]]
+    median = tuple(np.median(canvas_boxes, axis=0)) if canvas_boxes else (0, 0, 1000, 1000)
+    scores = []
+    for q in questions(task, num_per_task, seed=seed, image_scale=image_scale):
+      if q["boxes"]:
+        h, w = q["images"][0].shape[:2]
+        guess = (median[0] * w / 1000, median[1] * h / 1000, median[2] * w / 1000, median[3] * h / 1000)
+        scores.append(score(q, "", [guess] * len(q["boxes"])))
+      else:
+        counts = by_question.get(q["prompt"]) or overall
+        scores.append(score(q, counts.most_common(1)[0][0], []))
+    out[task] = float(np.mean(scores))
+  return out

@@ -1,0 +1,61 @@
+"""Answer a prompt about images with a trained model; print the answer and its boxes.
+
+  python -m mm15_jax.generate --config=experiments/tiny.py --checkpoint=workdirs/tiny \\
+      --image=a.png [--image=b.png] --prompt="Where is the red circle?" [--render=out.png]
+
+Boxes are printed in pixels of the first image; `--render` draws them, labelled, on it.
+Any config field can be overridden as in training (`--config.mesh.data=1`).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=False)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoints/ or a step directory.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Image files, in the order the prompt names them.")
+_PROMPT = flags.DEFINE_string("prompt", None, "The question; coordinates in it on the image's 0..1000 scale.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Extra stop strings (besides <eos>).")
+_RENDER = flags.DEFINE_string("render", None, "Write the first image with the answer's boxes to this PNG.")
+
+
+def main(argv):
+  del argv
+  import jax
+
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mm15_jax/jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+  from mm15_jax.inference import load_model, render
+  from mm15_jax.inference.prompt import as_image
+
+  if _RENDER.value and not _IMAGE.value:
+    raise app.UsageError("--render draws on the first image: give --image")
+  if not _CHECKPOINT.value:
+    print("warning: no --checkpoint, using randomly initialised params")
+  model = load_model(_CONFIG.value, _CHECKPOINT.value or None)
+  images = [as_image(path) for path in _IMAGE.value]
+  answer = model.generate(_PROMPT.value, images, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                          top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value)
+  print(answer.text)
+  for label, box in zip(answer.labels, answer.boxes):
+    print(f"  {label or 'box'}: [{', '.join(f'{v:.1f}' for v in box)}] px")
+  if _RENDER.value:
+    render(images[0], answer, path=_RENDER.value)
+    print(f"rendered to {_RENDER.value}")
+
+
+def run():
+  flags.mark_flags_as_required(["config", "prompt"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

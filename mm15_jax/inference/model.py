@@ -1,0 +1,187 @@
+"""A trained model for inference: load it, get logits, generate grounded answers.
+
+  model = load_model("experiments/tiny.py", "workdirs/tiny")   # latest complete checkpoint
+  answer = model.generate("Where is the red circle?", [image])
+  answer.text, answer.boxes   # boxes in pixels of `image`
+
+Params are placed with the training shardings on the mesh of `config.mesh` (all visible
+devices; one CPU is a 1-device mesh). MoE layers run dropless ("ragged") at inference
+whatever `moe.impl` trained them: capacity dropping is a training-throughput device, and
+the parameters are the same.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+import data_pipelines
+from data_pipelines import anyres
+from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax import configs
+from mm15_jax import sharding as shd
+from mm15_jax.inference import decode as decode_lib
+from mm15_jax.inference import grounding
+from mm15_jax.inference import prompt as prompt_lib
+from mm15_jax.train import state as state_lib
+
+
+@dataclasses.dataclass
+class Answer:
+  """text: the generated answer (stop token/string excluded); token_ids: the generated ids;
+  raw_coords: boxes (4-tuples) and points (2-tuples) as written, canvas 0..1000; boxes: the
+  same in pixels of the first image (float; empty without an image); labels: the phrase
+  before each."""
+  text: str
+  token_ids: list[int]
+  boxes: list[tuple]
+  raw_coords: list[tuple]
+  labels: list[str]
+
+
+def _inference_config(config):
+  if isinstance(config, str):
+    config = configs.load_experiment(config)
+  config = config.copy_and_resolve_references()
+  if config.model.moe.num_experts:
+    config.model.moe.impl = "ragged"  # dropless (module docstring)
+  return config
+
+
+class Model:
+  """Params on a mesh plus the jitted passes; see the module docstring."""
+
+  def __init__(self, config, params, tokenizer, mesh, graphdef, rest):
+    self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+    self.rules = tuple(config.sharding_rules)
+    self.builder = data_pipelines.ExampleBuilder.from_config(config, tokenizer)
+    self._prefill = decode_lib.jit_prefill(graphdef, rest, mesh, self.rules)
+    self._step = decode_lib.jit_step(graphdef, rest, mesh, self.rules)
+    self._forward = decode_lib.jit_forward(graphdef, rest, mesh, self.rules)
+    self.batch_shards = shd.axis_size(shd.logical_to_mesh(("batch",), self.rules, mesh)[0], mesh)
+
+  @classmethod
+  def from_params(cls, config, params, tokenizer=None, *, devices=None) -> "Model":
+    """A model from params already in memory (e.g. the trainer's), placed on this model's mesh."""
+    config = _inference_config(config)
+    mesh, graphdef, rest, abstract = _abstract(config, devices)
+    tokenizer = tokenizer or data_pipelines.tokenizer_for_config(config)
+    params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
+    return cls(config, params, tokenizer, mesh, graphdef, rest)
+
+  # ------------------------------------------------------------ inputs
+
+  def prompt(self, prompt, images=None) -> dict:
+    """The training layout of a prompt: dict(tokens, image_slots, tiles, layouts) (ExampleBuilder.prompt)."""
+    return self.builder.prompt(prompt_lib.make_record(prompt, images))
+
+  def _place(self, arrays: dict) -> dict:
+    def put(x):
+      spec = shd.logical_to_mesh(("batch",) + (None,) * (x.ndim - 1), self.rules, self.mesh)
+      return jax.device_put(x, NamedSharding(self.mesh, spec))
+    return {k: put(v) for k, v in arrays.items()}
+
+  def _arrays(self, examples, length: int) -> dict:
+    rows = -(-len(examples) // self.batch_shards) * self.batch_shards
+    tiles = self.config.data.max_tiles if any(len(ex["tiles"]) for ex in examples) else 0
+    return prompt_lib.batch_arrays(examples, rows=rows, length=length, max_tiles=tiles, tile=self.builder.tile,
+                                   tokens_per_tile=self.builder.k, bos_id=self.tokenizer.bos_id)
+
+  # ------------------------------------------------------------ outputs
+
+  def logits(self, token_ids, images=None) -> np.ndarray:
+    """float32 [len(token_ids), vocab] by the training forward (no cache). token_ids must hold
+    each image's block as the builder makes it (`self.prompt(...)["tokens"]` plus any answer
+    ids): its <image> ids are filled with the images' AnyRes tiles, in order."""
+    token_ids = np.asarray(token_ids, np.int32)
+    images = [prompt_lib.as_image(im) for im in images or ()]
+    layouts = anyres.plan_images([im.shape[:2] for im in images], tile=self.builder.tile, anyres=self.builder.anyres)
+    tiles = [anyres.render_tiles(im, layout) for im, layout in zip(images, layouts)]
+    slots = np.flatnonzero(token_ids == self.tokenizer.image_id)
+    want = sum(layout.num_tiles for layout in layouts) * self.builder.k
+    if len(slots) != want:
+      raise ValueError(f"token_ids hold {len(slots)} <image> ids but the {len(images)} image(s) need {want}; "
+                       "build the ids with Model.prompt(text, images)")
+    t = self.builder.tile
+    example = dict(tokens=token_ids, image_slots=slots,
+                   tiles=np.concatenate(tiles) if tiles else np.zeros((0, t, t, 3), np.uint8))
+    batch = self._arrays([example], prompt_lib.bucket(len(token_ids)))
+    out = self._forward(self.params, self._place({k: batch[k] for k in decode_lib.PROMPT_INPUTS[:-1]}))
+    return np.asarray(out[0, :len(token_ids)], np.float32)
+
+  def generate_tokens(self, prompts, images=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int = 0, stop=None, with_logits: bool = False):
+    """Generated ids per prompt (see decode.generate_ids); `generate_batch` without the parsing."""
+    examples = [self.prompt(p, ims) for p, ims in zip(prompts, images or [None] * len(prompts))]
+    return self._generate(examples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, stop=stop, with_logits=with_logits)
+
+  def _generate(self, examples, *, max_new_tokens, temperature, top_p, seed, stop, with_logits=False):
+    if max_new_tokens < 1 or temperature < 0 or not 0 <= top_p <= 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1, temperature={temperature} >= 0 and "
+                       f"top_p={top_p} in [0, 1]")
+    stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
+    stop_ids = [self.tokenizer.eos_id] + [s for s in stop if isinstance(s, int)]
+    stop_strings = [s for s in stop if isinstance(s, str)]
+    length = prompt_lib.bucket(max(len(ex["tokens"]) for ex in examples))
+    batch = self._place(self._arrays(examples, length))
+    return decode_lib.generate_ids(
+        self._prefill, self._step, self.params, batch, len(examples),
+        max_len=prompt_lib.bucket(length + max_new_tokens), max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids, stop_strings=stop_strings,
+        decode=self.tokenizer.decode, with_logits=with_logits)
+
+  def generate_batch(self, prompts, images=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, stop=None) -> list[Answer]:
+    """Answers to several prompts, decoded together. images: one list per prompt (or None).
+    temperature 0 is greedy; `seed` makes sampling reproducible; `stop`: strings and/or ids
+    that end an answer besides <eos>."""
+    images = images or [None] * len(prompts)
+    if len(images) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists; give one list (or None) per prompt")
+    examples = [self.prompt(p, ims) for p, ims in zip(prompts, images)]
+    ids = self._generate(examples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         seed=seed, stop=stop)
+    stop_strings = [s for s in ([stop] if isinstance(stop, str) else stop or []) if isinstance(s, str)]
+    answers = []
+    for ex, row in zip(examples, ids):
+      text = self.tokenizer.decode(row)
+      for s in stop_strings:
+        text = text.split(s)[0]
+      layout = ex["layouts"][0] if ex["layouts"] else None
+      raw, boxes, labels = grounding.parse_answer(text.strip(), layout)
+      answers.append(Answer(text.strip(), row, boxes, raw, labels))
+    return answers
+
+  def generate(self, prompt, images=None, **kw) -> Answer:
+    """The answer to one prompt (a str, or a conversation ending with the user's turn); see generate_batch."""
+    return self.generate_batch([prompt], [images], **kw)[0]
+
+
+def _abstract(config, devices=None):
+  """(mesh, graphdef, rest, abstract params carrying their shardings) of a config's model."""
+  mesh = shd.make_mesh(config.mesh, devices)
+  model = nnx.eval_shape(lambda: state_lib.build_model(config.model, config.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  logical, abstract = state_lib.logical_axes(params), nnx.to_pure_dict(params)
+  shardings = state_lib.param_shardings(logical, abstract, mesh, config.sharding_rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return mesh, graphdef, rest, abstract
+
+
+def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None) -> Model:
+  """config: a ConfigDict or an experiment spec "FILE[:arg]"; checkpoint_dir: a run's workdir,
+  its checkpoints/ directory or one step directory (the latest complete step; params only),
+  or None for a random init (config.seed). devices: the mesh's devices (default all)."""
+  config = _inference_config(config)
+  mesh, graphdef, rest, abstract = _abstract(config, devices)
+  if checkpoint_dir is None:
+    def init():
+      return nnx.to_pure_dict(nnx.split(state_lib.build_model(config.model, config.seed), nnx.Param, ...)[1])
+    params = jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
+  else:
+    params = ckpt_lib.load_params(str(checkpoint_dir), abstract)
+  tokenizer = tokenizer or data_pipelines.tokenizer_for_config(config)
+  return Model(config, params, tokenizer, mesh, graphdef, rest)
