@@ -22,3 +22,9 @@ def get_config(arg=None):
   c.log_every = 10
   c.eval.generate_per_task = 24  # the quick start ends by answering held-out questions
   return c
+
+
+def get_sweep(arg=None):
+  """`python -m mm15_jax.sweep --config=experiments/tiny.py --workdir=/tmp/mm15_sweep`"""
+  del arg
+  return [{"train.lr": lr} for lr in (1e-3, 3e-3, 1e-2)]

@@ -1,5 +1,50 @@
 #!/usr/bin/env bash
-# One host, all its devices: ./launch/local.sh experiments/tiny.py /tmp/run [--config.x=y ...]
-set -euo pipefail
-config=$1; workdir=$2; shift 2
-exec python -m mm15_jax.train --config="$config" --workdir="$workdir" "$@"
+# NPROC trainer processes on this machine, started the way a pod starts them: one JAX
+# process each, jax.distributed with process 0 as coordinator, CPU collectives (gloo).
+#
+#   launch/local.sh 2 -- --config=experiments/tiny.py --workdir=/tmp/mm15_mp
+#
+# MM15_LOCAL_DEVICES (default 8) simulated CPU devices are split evenly over the processes.
+# SIGTERM/SIGINT are forwarded to every process (a simulated preemption); the exit status
+# is the first non-zero status of any process, else 0.
+set -uo pipefail
+
+usage() { echo "usage: $0 NPROC -- TRAINER_ARGS..." >&2; exit 2; }
+[[ $# -ge 2 && $2 == "--" ]] || usage
+nproc=$1; shift 2
+[[ $nproc =~ ^[1-9][0-9]*$ ]] || usage
+devices=${MM15_LOCAL_DEVICES:-8}
+if (( devices % nproc )); then
+  echo "MM15_LOCAL_DEVICES=$devices does not split over $nproc processes" >&2; exit 2
+fi
+python=${PYTHON:-python}
+
+# A free port from the OS; released before the coordinator binds it (a tiny race, fine locally).
+port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
+
+pids=()
+forward() { kill -"$1" "${pids[@]}" 2>/dev/null; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+for ((i = 0; i < nproc; i++)); do
+  JAX_PLATFORMS=cpu \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$((devices / nproc))" \
+    "$python" -m mm15_jax.train "$@" \
+      --coordinator_address="localhost:$port" --num_processes="$nproc" --process_id="$i" &
+  pids+=($!)
+done
+
+status=0
+for pid in "${pids[@]}"; do
+  # `wait` returns early (>128) when a trapped signal arrives; wait again for the real exit.
+  while true; do
+    wait "$pid"; rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  if (( rc != 0 && status == 0 )); then
+    status=$rc
+    forward KILL  # the others would block in a collective waiting for the failed one
+  fi
+done
+exit $status

@@ -109,3 +109,28 @@ def test_tiny_model_overfits_a_fixed_batch():
   config.train.steps, config.train.warmup_steps, config.train.lr = 60, 5, 1e-2
   losses, _ = train_on_fixed_batch(setup_on(config, dict(data=2, fsdp=2, tensor=2, expert=1)), config)
   assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_no_recompiles_after_the_first_step():
+  """Batches of the schema never retrigger compilation: one compile serves the whole run."""
+  compiles = []  # every trace, lowering or compile jax reports
+
+  def listen(event, seconds, **kwargs):
+    if event.startswith("/jax/core/compile"):
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  config = tiny_config()
+  setup = setup_on(config, dict(data=2, fsdp=1, tensor=1, expert=1), jax.devices()[:2])
+  state = state_lib.init_state(setup)
+  step = step_lib.jit_train_step(setup)
+  state, _ = step(state, place(setup, host_batch(config, 0)))
+  before = len(compiles)
+  for i in range(1, 4):  # new data, same shapes
+    state, metrics = step(state, place(setup, host_batch(config, i)))
+  jax.block_until_ready(metrics)
+  assert before > 0 and compiles[before:] == []
+  # The listener does see a retrace: a batch of another length compiles again.
+  config.train.batch_size = 4
+  step(state, place(setup, host_batch(config, 0)))
+  assert len(compiles) > before

@@ -4,6 +4,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 
 import data_pipelines
 from mm15_jax import batch as batch_lib
@@ -14,6 +15,7 @@ from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 from mm15_jax.train.metrics import MetricsWriter
+from mm15_jax.train.preemption import PreemptionWatch
 from mm15_jax.train.prefetch import DevicePrefetcher, global_batch_putter
 
 
@@ -53,6 +55,16 @@ def answer_held_out_questions(config, params, tokenizer, workdir: str) -> dict:
   return accuracy
 
 
+def _nan_injection_step() -> int:
+  """Test hook: MM15_INJECT_NAN_AT_STEP=N makes step N's loss NaN (0 = off)."""
+  return int(os.environ.get("MM15_INJECT_NAN_AT_STEP", "0"))
+
+
+def _poison(batch: dict) -> dict:
+  """A NaN loss mask gives a NaN loss and gradient: the step's finiteness guard must catch it."""
+  return dict(batch, loss_mask=batch["loss_mask"] * jnp.nan)
+
+
 def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   """Trains `config.train.steps` steps (resuming if WORKDIR has checkpoints); returns the final eval."""
   config = config.copy_and_resolve_references()
@@ -70,6 +82,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   checkpointer = ckpt_lib.Checkpointer(
       ckpt_lib.workdir_checkpoints(workdir), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   writer = None
+  preemption = PreemptionWatch()
   try:
     if checkpointer.latest_step() is not None:
       state = checkpointer.restore(setup.abstract_state, batches)
@@ -97,10 +110,33 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     eval_fn = step_lib.jit_eval_step(setup)
     eval_batches = data_pipelines.make_eval_batches(config, tokenizer, config.eval.batches)
 
+    # Non-finite steps are counted on device (no per-step host sync) and read back at log
+    # and save boundaries: "skip" reports them, "stop" raises before anything is saved.
+    nonfinite, seen_nonfinite = None, 0  # built from the step's output: same devices on every process
+    inject_at = _nan_injection_step()
+
+    def check_finite(done: int) -> int:
+      nonlocal seen_nonfinite
+      total = 0 if nonfinite is None else int(jax.device_get(nonfinite))
+      if total > seen_nonfinite:
+        msg = f"{total - seen_nonfinite} non-finite step(s) by step {done}; their updates were skipped"
+        if config.train.nan_policy == "stop":
+          raise FloatingPointError(
+              msg + f"; stopping with the last good checkpoint (step {checkpointer.latest_step()}) intact "
+              "(config.train.nan_policy='stop'; 'skip' to continue)")
+        writer.message(msg)
+        seen_nonfinite = total
+      return total
+
     window_start, window_steps = time.perf_counter(), 0
     first_timed = True
     for step in range(start, config.train.steps):
-      state, metrics = train_fn(state, next(batches))
+      batch = next(batches)
+      if step + 1 == inject_at:
+        batch = _poison(batch)
+      state, metrics = train_fn(state, batch)
+      bad = (~metrics.pop("finite")).astype(jnp.int32)
+      nonfinite = bad if nonfinite is None else nonfinite + bad
       window_steps += 1
       done = step + 1
       last = done == config.train.steps
@@ -108,22 +144,22 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - window_start
         seconds = elapsed / window_steps
-        if not bool(metrics["finite"]):
-          msg = f"step {done}: non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']}; update skipped"
-          if config.train.nan_policy == "stop":
-            raise FloatingPointError(msg + " (config.train.nan_policy='stop'; 'skip' to continue)")
-          writer.message(msg)
-        metrics = {k: v for k, v in metrics.items() if k != "finite"}
         metrics.update(
             tokens_per_s=tokens_per_step / seconds, step_seconds=seconds, skipped_records=batches.skipped_records,
-            mfu=flops_lib.mfu(step_flops, seconds, peak, jax.device_count()))
+            skipped_steps=check_finite(done), mfu=flops_lib.mfu(step_flops, seconds, peak, jax.device_count()))
         if first_timed:
           metrics["includes_compile"] = 1  # the first window holds the compile
           first_timed = False
         writer.write(done, metrics)
         window_start, window_steps = time.perf_counter(), 0
       writer.advance()
+      if not last and preemption.should_stop(done):  # every process answers the same at each step
+        check_finite(done)
+        checkpointer.save(state, batches, force=True)
+        writer.message(f"preempted: saved step {done}; a relaunch resumes from it")
+        return dict(preempted_at=done)
       if config.checkpoint.every and (done % config.checkpoint.every == 0 or last):
+        check_finite(done)
         checkpointer.save(state, batches, force=last)
       if config.eval.every and done % config.eval.every == 0 and not last:
         writer.write(done, evaluate(eval_fn, state["params"], eval_batches, put), kind="eval")
@@ -139,6 +175,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
       result["tasks"] = tasks
     return result
   finally:
+    preemption.close()
     checkpointer.close()
     if writer is not None:
       writer.close()

@@ -1,0 +1,131 @@
+"""Sweeps: an experiment file's `get_sweep()` run point by point, each in WORKDIR/NAME.
+
+  python -m mm15_jax.sweep --config=experiments/tiny.py --workdir=/tmp/sweep              # here, in turn
+  python -m mm15_jax.sweep --config=experiments/mm15_3b.py:sft --workdir=/shared/sweep --launcher=slurm
+  python -m mm15_jax.sweep --config=experiments/tiny.py --workdir=/tmp/sweep --report     # one table
+
+`get_sweep(arg=None)` returns a list of override dicts keyed by dotted config paths, e.g.
+`[{"train.lr": 1e-3}, {"train.lr": 3e-3, "model.size": "1b"}]`. A point's workdir is named
+after its overrides, so rerunning a sweep resumes every point. Arguments after `--` go to
+every run (`-- --config.train.steps=100`). `--dry_run` prints the commands instead.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from absl import app, flags
+
+_CONFIG = flags.DEFINE_string("config", None, "Experiment file (FILE or FILE:arg) defining get_sweep().")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Each point runs in WORKDIR/NAME.")
+_LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "tpu", "gke", "slurm"], "Where the points run.")
+_TPU = flags.DEFINE_string("tpu", None, "--launcher=tpu: TPU_NAME ZONE (space-separated).")
+_REPORT = flags.DEFINE_bool("report", False, "Print the final metrics of every point instead of running.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_sweep(spec: str) -> list[dict]:
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(f"{path} defines no get_sweep(); add one returning a list of override dicts")
+  return module.get_sweep(arg) if arg else module.get_sweep()
+
+
+def point_name(overrides: dict) -> str:
+  """{"train.lr": 0.001, "model.size": "1b"} -> "lr=0.001,size=1b" (a path-safe directory name)."""
+  name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(overrides.items())) or "default"
+  return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def trainer_args(spec: str, workdir: str, overrides: dict, extra: list[str]) -> list[str]:
+  return ([f"--config={spec}", f"--workdir={workdir}", "--no_progress"]
+          + [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra))
+
+
+def command(launcher: str, spec: str, workdir: str, overrides: dict, extra: list[str], index: int) -> list[str]:
+  """The command that runs one point; the cluster ones submit through launch/."""
+  args = trainer_args(spec, workdir, overrides, extra)
+  if launcher == "local":
+    return [sys.executable, "-m", "mm15_jax.train", *args]
+  if launcher == "slurm":  # the script takes CONFIG WORKDIR first, then passes the rest on
+    return ["sbatch", f"--job-name=mm15-sweep-{index}", os.path.join(ROOT, "launch", "slurm.sbatch"),
+            spec, workdir, *args[3:]]
+  if launcher == "tpu":
+    if not _TPU.value or len(_TPU.value.split()) != 2:
+      raise ValueError("--launcher=tpu needs --tpu='TPU_NAME ZONE'")
+    return [os.path.join(ROOT, "launch", "tpu_pod.sh"), *_TPU.value.split(), spec, workdir, *args[3:]]
+  if launcher == "gke":  # the manifest, renamed and with this point's command, on stdin
+    return ["kubectl", "apply", "-f", "-"]
+  raise ValueError(f"--launcher={launcher!r}")
+
+
+def gke_manifest(args: list[str], index: int) -> str:
+  with open(os.path.join(ROOT, "launch", "gke_jobset.yaml")) as f:
+    text = f.read()
+  text = re.sub(r"(metadata:\s*\n\s*name: )\S+", rf"\g<1>mm15-sweep-{index}", text, count=1)
+  cmd = json.dumps(["python", "-m", "mm15_jax.train", *args])
+  return re.sub(r"command: \[.*?\]", lambda _: f"command: {cmd}", text, count=1, flags=re.DOTALL)
+
+
+def report(workdir: str) -> str:
+  """One row per point: last step, last train loss, final eval metrics."""
+  cols = ("step", "loss", "eval_loss", "token_accuracy", "exact_match")
+  rows = []
+  for name in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, name, "metrics.jsonl")
+    if not os.path.exists(path):
+      continue
+    train, evals = {}, {}
+    with open(path) as f:
+      for r in map(json.loads, f):
+        if "kind" not in r:
+          train = r
+        elif r["kind"] == "eval":
+          evals = r
+    values = dict(step=train.get("step"), loss=train.get("loss"), eval_loss=evals.get("loss"),
+                  token_accuracy=evals.get("token_accuracy"), exact_match=evals.get("exact_match"))
+    rows.append([name] + [_fmt(values[c]) for c in cols])
+  header = ["point", *cols]
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  line = lambda xs: "  ".join(str(x).ljust(w) for x, w in zip(xs, widths))  # noqa: E731
+  return "\n".join([line(header)] + [line(r) for r in rows])
+
+
+def _fmt(v):
+  return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def main(argv):
+  extra = argv[1:]
+  if _REPORT.value:
+    print(report(_WORKDIR.value))
+    return
+  points = load_sweep(_CONFIG.value)
+  for i, overrides in enumerate(points):
+    workdir = os.path.join(_WORKDIR.value, point_name(overrides))
+    cmd = command(_LAUNCHER.value, _CONFIG.value, workdir, overrides, extra, i)
+    stdin = None
+    if _LAUNCHER.value == "gke":
+      stdin = gke_manifest(trainer_args(_CONFIG.value, workdir, overrides, extra), i)
+    print(f"[{i + 1}/{len(points)}] {shlex.join(cmd)}", flush=True)
+    if _DRY_RUN.value:
+      if stdin:
+        print(stdin)
+      continue
+    subprocess.run(cmd, input=stdin, text=True, check=True, cwd=ROOT)
+  if _LAUNCHER.value == "local" and not _DRY_RUN.value:
+    print(report(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

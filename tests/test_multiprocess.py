@@ -1,0 +1,169 @@
+"""Multi-host behaviour on one machine: several JAX processes, preemption, bad steps.
+
+The multi-process tests start real trainer processes (`launch/local.sh`, jax.distributed with
+CPU collectives over localhost) and take a minute or two each on a small CPU.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tiny_setup import ROOT, place, setup_on, tiny_config
+
+import data_pipelines
+from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax.train import state as state_lib
+from mm15_jax.train import step as step_lib
+from mm15_jax.train.loop import train_and_evaluate
+
+# The CLI spelling of tiny_config() plus a short run.
+TINY_FLAGS = [
+    "--config=experiments/tiny.py", "--no_progress", "--config.train.batch_size=8", "--config.data.num_examples=256",
+    "--config.data.prefetch=1", "--config.eval.batches=1", "--config.log_every=1",
+    "--config.eval.generate_per_task=0",
+]
+
+
+def train_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if "kind" not in r]
+
+
+def local_sh(nproc, *args):
+  env = {**os.environ, "PYTHON": sys.executable, "MM15_LOCAL_DEVICES": "8"}
+  env.pop("XLA_FLAGS", None)  # local.sh gives each process its share
+  return subprocess.Popen(
+      ["bash", os.path.join(ROOT, "launch", "local.sh"), str(nproc), "--", *TINY_FLAGS, *args],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def single_process(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return subprocess.Popen(
+      [sys.executable, "-m", "mm15_jax.train", *TINY_FLAGS, *args],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=600):
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def wait_for_train_row(proc, workdir, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and train_rows(workdir):
+      return
+    time.sleep(0.5)
+  raise TimeoutError("no training step logged")
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
+  """2 processes x 4 devices == 1 process x 8 devices fed the same global batches.
+
+  Each process reads every 2nd record and packs its own rows, so the global batch of a
+  2-process run is not the 1-process run's batch; the reference therefore concatenates the
+  two processes' local batches itself and steps them on 8 devices in this process.
+  """
+  rc, out = finish(local_sh(2, f"--workdir={tmp_path}", "--config.train.steps=3", "--config.checkpoint.every=3"))
+  assert rc == 0, out[-3000:]
+  got = [r["loss"] for r in train_rows(tmp_path)]
+
+  config = tiny_config()
+  config.train.steps = 3
+  tok = data_pipelines.load_tokenizer(config.model.llm.vocab_size)
+  shards = [iter(data_pipelines.make_train_dataset(config, tok, process_index=i, process_count=2)) for i in range(2)]
+  setup = setup_on(config, dict(config.mesh))
+  step = step_lib.jit_train_step(setup)
+  state = state_lib.init_state(setup)
+  want = []
+  for _ in range(3):
+    parts = [dict(next(s)) for s in shards]
+    for p in parts:
+      p.pop("num_skipped", None)
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    state, metrics = step(state, place(setup, batch))
+    want.append(float(metrics["loss"]))
+  np.testing.assert_allclose(got, want, rtol=2e-5)
+  assert ckpt_lib.latest_step(tmp_path / "checkpoints") == 3
+
+
+def test_sigterm_to_two_processes_saves_the_agreed_step_and_resumes(tmp_path):
+  """JAX's preemption service spreads the notice; both processes save one step and exit 0."""
+  proc = local_sh(2, f"--workdir={tmp_path}", "--config.train.steps=500", "--config.checkpoint.every=500")
+  wait_for_train_row(proc, tmp_path)
+  proc.send_signal(signal.SIGTERM)
+  rc, out = finish(proc, timeout=300)
+  assert rc == 0, out[-3000:]
+  saved = ckpt_lib.latest_step(tmp_path / "checkpoints")
+  assert saved == train_rows(tmp_path)[-1]["step"] < 500, out[-3000:]
+  assert "preempted: saved step" in out
+
+  rc, out = finish(local_sh(2, f"--workdir={tmp_path}", f"--config.train.steps={saved + 1}"))
+  assert rc == 0, out[-3000:]
+  assert f"resumed from step {saved}" in out
+  assert train_rows(tmp_path)[-1]["step"] == saved + 1
+
+
+def test_sigterm_saves_at_the_step_boundary_and_a_relaunch_resumes(tmp_path):
+  proc = single_process(f"--workdir={tmp_path}", "--config.train.steps=500", "--config.checkpoint.every=500")
+  wait_for_train_row(proc, tmp_path)
+  proc.send_signal(signal.SIGTERM)
+  rc, out = finish(proc, timeout=120)
+  assert rc == 0, out[-3000:]
+  saved = ckpt_lib.latest_step(tmp_path / "checkpoints")
+  assert saved == train_rows(tmp_path)[-1]["step"] < 500, out[-3000:]
+
+  rc, out = finish(single_process(f"--workdir={tmp_path}", f"--config.train.steps={saved + 2}"))
+  assert rc == 0, out[-3000:]
+  assert f"resumed from step {saved}" in out
+  assert [r["step"] for r in train_rows(tmp_path)][-2:] == [saved + 1, saved + 2]
+
+
+def nan_run(workdir, monkeypatch, policy, steps=4, log_every=1, inject_at=2):
+  monkeypatch.setenv("MM15_INJECT_NAN_AT_STEP", str(inject_at))
+  config = tiny_config(**{"train.nan_policy": policy, "log_every": log_every})
+  config.train.steps = steps
+  config.checkpoint.every = 1
+  config.checkpoint.async_save = False
+  config.checkpoint.keep = 10
+  config.eval.generate_per_task = 0
+  return config, lambda: train_and_evaluate(config, str(workdir), progress=False)
+
+
+def restore_params(config, workdir, step):
+  setup = setup_on(config, dict(config.mesh))
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.workdir_checkpoints(str(workdir)))
+  try:
+    return jax.device_get(ckpt.restore(setup.abstract_state, step=step)["params"])
+  finally:
+    ckpt.close()
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
+  config, run = nan_run(tmp_path, monkeypatch, "skip")
+  result = run()
+  rows = train_rows(tmp_path)
+  assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+  assert np.isnan(rows[1]["loss"]) and np.isfinite([rows[0]["loss"], rows[2]["loss"], rows[3]["loss"]]).all()
+  assert np.isfinite(result["loss"])
+  # The poisoned step left the weights exactly as they were.
+  before, after = restore_params(config, tmp_path, 1), restore_params(config, tmp_path, 2)
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_nan_step_stops_the_run_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+  # Logging only at the end: the check before each save must catch it.
+  config, run = nan_run(tmp_path, monkeypatch, "stop", log_every=4, inject_at=3)
+  with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    run()
+  assert ckpt_lib.latest_step(tmp_path / "checkpoints") == 2
+  params = restore_params(config, tmp_path, 2)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
