@@ -167,3 +167,29 @@ def test_nan_step_stops_the_run_with_the_last_good_checkpoint(tmp_path, monkeypa
   assert ckpt_lib.latest_step(tmp_path / "checkpoints") == 2
   params = restore_params(config, tmp_path, 2)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_sigkill_during_saves_loses_only_the_steps_after_the_last_complete_checkpoint(tmp_path):
+  """A checkpoint every step, async, and SIGKILL mid-run: the relaunch resumes from the last
+  complete step and its next losses are those of an unbroken run."""
+  killed, unbroken = tmp_path / "killed", tmp_path / "unbroken"
+  proc = single_process(f"--workdir={killed}", "--config.train.steps=200", "--config.checkpoint.every=1")
+  wait_for_train_row(proc, killed)
+  deadline = time.time() + 300
+  while time.time() < deadline and not any(p.name.isdigit() for p in (killed / "checkpoints").iterdir()):
+    time.sleep(0.2)  # a first complete checkpoint
+  time.sleep(1.0)  # and more saves in flight
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  last = ckpt_lib.latest_step(killed / "checkpoints")
+  assert last is not None and last >= 1
+  logged = max(r["step"] for r in train_rows(killed))
+  assert last <= logged + 2  # nothing past what ran
+  rc, out = finish(single_process(f"--workdir={killed}", f"--config.train.steps={last + 2}"))
+  assert rc == 0 and f"resumed from step {last}" in out, out[-2000:]
+  rc, out = finish(single_process(f"--workdir={unbroken}", f"--config.train.steps={last + 2}"))
+  assert rc == 0, out[-2000:]
+  want = {r["step"]: r["loss"] for r in train_rows(unbroken)}
+  got = {r["step"]: r["loss"] for r in train_rows(killed)}
+  for step in (last + 1, last + 2):
+    assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got, want)
