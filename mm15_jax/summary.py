@@ -11,10 +11,6 @@ import types
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Devices filling a -1 mesh axis (default: the visible ones).")
-
 COMPONENTS = ("vit", "connector", "llm")
 
 
@@ -71,15 +67,23 @@ def format_table(summary: dict) -> str:
   return "\n".join(lines)
 
 
+def _define_flags():
+  """Flags are defined when the tool runs, not at import, so tests may import several tools."""
+  config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True)
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+  flags.DEFINE_integer("devices", 0, "Devices filling a -1 mesh axis (default: the visible ones).")
+
+
 def main(argv):
   del argv
   import jax
-  devices = _DEVICES.value or jax.device_count()
-  summary = summarize(_CONFIG.value, devices)
-  print(json.dumps(summary) if _JSON.value else format_table(summary))
+  devices = flags.FLAGS.devices or jax.device_count()
+  summary = summarize(flags.FLAGS.config, devices)
+  print(json.dumps(summary) if flags.FLAGS.json else format_table(summary))
 
 
 def run():
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
 

@@ -20,13 +20,6 @@ import sys
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string("config", None, "Experiment file (FILE or FILE:arg) defining get_sweep().")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Each point runs in WORKDIR/NAME.")
-_LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "tpu", "gke", "slurm"], "Where the points run.")
-_TPU = flags.DEFINE_string("tpu", None, "--launcher=tpu: TPU_NAME ZONE (space-separated).")
-_REPORT = flags.DEFINE_bool("report", False, "Print the final metrics of every point instead of running.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,9 +53,9 @@ def command(launcher: str, spec: str, workdir: str, overrides: dict, extra: list
     return ["sbatch", f"--job-name=mm15-sweep-{index}", os.path.join(ROOT, "launch", "slurm.sbatch"),
             spec, workdir, *args[3:]]
   if launcher == "tpu":
-    if not _TPU.value or len(_TPU.value.split()) != 2:
+    if not flags.FLAGS.tpu or len(flags.FLAGS.tpu.split()) != 2:
       raise ValueError("--launcher=tpu needs --tpu='TPU_NAME ZONE'")
-    return [os.path.join(ROOT, "launch", "tpu_pod.sh"), *_TPU.value.split(), spec, workdir, *args[3:]]
+    return [os.path.join(ROOT, "launch", "tpu_pod.sh"), *flags.FLAGS.tpu.split(), spec, workdir, *args[3:]]
   if launcher == "gke":  # the manifest, renamed and with this point's command, on stdin
     return ["kubectl", "apply", "-f", "-"]
   raise ValueError(f"--launcher={launcher!r}")
@@ -104,28 +97,39 @@ def _fmt(v):
   return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _define_flags():
+  """Flags are defined when the tool runs, not at import, so tests may import several tools."""
+  flags.DEFINE_string("config", None, "Experiment file (FILE or FILE:arg) defining get_sweep().")
+  flags.DEFINE_string("workdir", None, "Each point runs in WORKDIR/NAME.")
+  flags.DEFINE_enum("launcher", "local", ["local", "tpu", "gke", "slurm"], "Where the points run.")
+  flags.DEFINE_string("tpu", None, "--launcher=tpu: TPU_NAME ZONE (space-separated).")
+  flags.DEFINE_bool("report", False, "Print the final metrics of every point instead of running.")
+  flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+
+
 def main(argv):
   extra = argv[1:]
-  if _REPORT.value:
-    print(report(_WORKDIR.value))
+  if flags.FLAGS.report:
+    print(report(flags.FLAGS.workdir))
     return
-  points = load_sweep(_CONFIG.value)
+  points = load_sweep(flags.FLAGS.config)
   for i, overrides in enumerate(points):
-    workdir = os.path.join(_WORKDIR.value, point_name(overrides))
-    cmd = command(_LAUNCHER.value, _CONFIG.value, workdir, overrides, extra, i)
+    workdir = os.path.join(flags.FLAGS.workdir, point_name(overrides))
+    cmd = command(flags.FLAGS.launcher, flags.FLAGS.config, workdir, overrides, extra, i)
     stdin = None
-    if _LAUNCHER.value == "gke":
-      stdin = gke_manifest(trainer_args(_CONFIG.value, workdir, overrides, extra), i)
+    if flags.FLAGS.launcher == "gke":
+      stdin = gke_manifest(trainer_args(flags.FLAGS.config, workdir, overrides, extra), i)
     print(f"[{i + 1}/{len(points)}] {shlex.join(cmd)}", flush=True)
-    if _DRY_RUN.value:
+    if flags.FLAGS.dry_run:
       if stdin:
         print(stdin)
       continue
     subprocess.run(cmd, input=stdin, text=True, check=True, cwd=ROOT)
-  if _LAUNCHER.value == "local" and not _DRY_RUN.value:
-    print(report(_WORKDIR.value))
+  if flags.FLAGS.launcher == "local" and not flags.FLAGS.dry_run:
+    print(report(flags.FLAGS.workdir))
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
