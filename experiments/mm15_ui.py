@@ -22,21 +22,8 @@ from mm15_jax import configs
 UI_N_MAX = 12
 
 
-def _parse(arg):
-  size, stage = "3b", "sft"
-  for token in filter(None, (arg or "").split(",")):
-    if token in configs.STAGES:
-      stage = token
-    elif token in configs.NOMINAL_PARAMS or token == "tiny":
-      size = token
-    else:
-      raise ValueError(f"experiment arg {token!r}: expected a size {sorted(configs.NOMINAL_PARAMS)} or 'tiny', "
-                       f"and/or a stage {configs.STAGES}")
-  return size, stage
-
-
 def get_config(arg="3b"):
-  size, stage = _parse(arg)
+  size, stage = configs.size_and_stage(arg)
   if size == "tiny":
     c = configs.load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py"))
     c.stage = stage

@@ -121,6 +121,20 @@ STAGE_SETTINGS = {
 }
 
 
+def size_and_stage(arg, default_size: str = "3b", default_stage: str = "sft") -> tuple[str, str]:
+  """An experiment argument like "3b", "sft", "1b,sft" or "tiny" -> (size, stage)."""
+  size, stage = default_size, default_stage
+  for token in filter(None, (arg or "").split(",")):
+    if token in STAGES:
+      stage = token
+    elif token in NOMINAL_PARAMS or token == "tiny":
+      size = token
+    else:
+      raise ValueError(f"experiment arg {token!r}: expected a size {sorted(NOMINAL_PARAMS)} or 'tiny', "
+                       f"and/or a stage {STAGES}")
+  return size, stage
+
+
 def mm15_moe(size: str = "3b", stage: str = "pretrain") -> ml_collections.ConfigDict:
   """The MoE variant of a paper size: the dense recipe with sparse MLPs (encoder unchanged)."""
   if size not in MOE_SIZES:
