@@ -173,7 +173,9 @@ def test_sigkill_during_saves_loses_only_the_steps_after_the_last_complete_check
   """A checkpoint every step, async, and SIGKILL mid-run: the relaunch resumes from the last
   complete step and its next losses are those of an unbroken run."""
   killed, unbroken = tmp_path / "killed", tmp_path / "unbroken"
-  proc = single_process(f"--workdir={killed}", "--config.train.steps=200", "--config.checkpoint.every=1")
+  # A learning rate that does not depend on train.steps, so runs of different lengths agree.
+  flat_lr = ("--config.train.warmup_steps=1", "--config.train.lr_min_ratio=1.0")
+  proc = single_process(f"--workdir={killed}", "--config.train.steps=200", "--config.checkpoint.every=1", *flat_lr)
   wait_for_train_row(proc, killed)
   deadline = time.time() + 300
   while time.time() < deadline and not any(p.name.isdigit() for p in (killed / "checkpoints").iterdir()):
@@ -185,9 +187,9 @@ def test_sigkill_during_saves_loses_only_the_steps_after_the_last_complete_check
   assert last is not None and last >= 1
   logged = max(r["step"] for r in train_rows(killed))
   assert last <= logged + 2  # nothing past what ran
-  rc, out = finish(single_process(f"--workdir={killed}", f"--config.train.steps={last + 2}"))
+  rc, out = finish(single_process(f"--workdir={killed}", f"--config.train.steps={last + 2}", *flat_lr))
   assert rc == 0 and f"resumed from step {last}" in out, out[-2000:]
-  rc, out = finish(single_process(f"--workdir={unbroken}", f"--config.train.steps={last + 2}"))
+  rc, out = finish(single_process(f"--workdir={unbroken}", f"--config.train.steps={last + 2}", *flat_lr))
   assert rc == 0, out[-2000:]
   want = {r["step"]: r["loss"] for r in train_rows(unbroken)}
   got = {r["step"]: r["loss"] for r in train_rows(killed)}
