@@ -13,7 +13,7 @@ import re
 import grain
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from rendered_text import glyphs
 
 from data_pipelines import builtin, records
 
@@ -340,18 +340,6 @@ def test_interleaved_text_matches_pixels():
 
 
 # --- text-rich --------------------------------------------------------------------------
-
-def glyphs(word):
-  """The word's ink as PIL draws it with the default font at size 10, no antialiasing."""
-  fnt = ImageFont.load_default(size=10)
-  canvas = Image.new("L", (100, 30), 0)
-  draw = ImageDraw.Draw(canvas)
-  draw.fontmode = "1"
-  draw.text((10, 5), word, font=fnt, fill=255)
-  ink = np.array(canvas) > 0
-  rows, cols = np.nonzero(ink)
-  return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-
 
 def locate(ink, word):
   """Every (x, y) where the word's glyphs match the ink exactly (window and glyph equal)."""

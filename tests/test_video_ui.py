@@ -10,7 +10,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from rendered_text import glyphs
 
 from data_pipelines import anyres, records
 from data_pipelines import tokenizer as tokenizer_lib
@@ -158,18 +159,6 @@ THEMES = {(250, 250, 250): dict(ink=(30, 30, 30), field=(150, 150, 150)),
           (25, 25, 30): dict(ink=(235, 235, 235), field=(120, 120, 120))}
 ON, WHITE, CHECK = (50, 180, 90), (255, 255, 255), (40, 100, 220)
 COORDS = re.compile(r"\[([\d, ]+)\]")
-
-
-def glyphs(word):
-  """The word's ink with PIL's default font at size 10, no antialiasing."""
-  fnt = ImageFont.load_default(size=10)
-  canvas = Image.new("L", (12 * len(word) + 20, 30), 0)
-  draw = ImageDraw.Draw(canvas)
-  draw.fontmode = "1"
-  draw.text((10, 5), word, font=fnt, fill=255)
-  ink = np.array(canvas) > 0
-  rows, cols = np.nonzero(ink)
-  return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
 
 
 def crop(mask):
