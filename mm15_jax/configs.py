@@ -177,8 +177,16 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
   c.stage = "pretrain"
   c.model = model_config("tiny", "tiny", image_size=32, vocab_size=512)
-  # Mesh axis sizes; -1 means "all remaining devices".
+  # Mesh axis sizes; -1 means "all remaining devices". With several slices (TPU multi-slice,
+  # GPU hosts over the data-centre network) `mesh` is the layout within one slice and
+  # `mesh_dcn` how many slices each axis spans (only data/fsdp-style axes should cross slices).
   c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  c.mesh_dcn = dict(data=1, fsdp=1, tensor=1, expert=1)
+  # Per-hardware overrides: (regex on the device kind or TPU topology, {dotted field: value}),
+  # first match wins, so one experiment file serves v5p, v6e and H100 clusters.
+  c.hardware_rules = ()
+  # The TPU topology this experiment is planned for (`python -m mm15_jax.plan` shows it fits).
+  c.topology = ""
   c.sharding_rules = DEFAULT_RULES
   # The built-in SFT-like mixture (data_pipelines/builtin): single-image 0.8, multi 0.1, text 0.1.
   c.data = dict(
@@ -195,6 +203,8 @@ def base() -> ml_collections.ConfigDict:
       image_scale=1.0,  # built-in images are 24..96 px times this
       num_workers=0,  # grain worker processes for decoding and tiling (0: in the main process)
       prefetch=2,  # batches put on devices ahead of the step
+      # "" = the built-in tokenizer; else a SentencePiece .model file (e.g. an imported LLM's).
+      tokenizer="",
   )
   c.train = dict(
       steps=200,
@@ -214,10 +224,18 @@ def base() -> ml_collections.ConfigDict:
       peak_tflops_per_device=0.0,  # 0 = measure/guess from the device kind
   )
   c.checkpoint = dict(every=100, keep=3, async_save=True)
-  c.init = dict(from_checkpoint="")  # params of a previous stage's run (a workdir or a step dir)
+  # from_checkpoint: all params of a previous stage's run (a workdir or a step dir);
+  # llm_from / vit_from: only the decoder / the image encoder, from any checkpoint that has
+  # them (`python -m mm15_jax.convert import` output or a run). The rest starts fresh.
+  c.init = dict(from_checkpoint="", llm_from="", vit_from="")
   # every=0: evaluate only at the end. generate_per_task > 0: after training, answer that many
   # held-out questions per built-in task by generation (accuracy per task, a grounding PNG).
-  c.eval = dict(every=0, batches=4, generate_per_task=0)
+  # best_metric (e.g. "loss"; "" = off) keeps the best in-training eval's checkpoint under
+  # WORKDIR/best, lower is better unless best_mode="max".
+  c.eval = dict(every=0, batches=4, generate_per_task=0, best_metric="", best_mode="min")
+  # Trace steps [start, end) with jax.profiler into WORKDIR/profile (TensorBoard/XProf);
+  # () = off. all_processes=False traces process 0 only.
+  c.profile = dict(steps=(), all_processes=False)
   c.log_every = 10
   return c
 
