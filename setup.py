@@ -24,9 +24,15 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "absl-py>=2.1",
+        "safetensors>=0.4",  # public checkpoints (mm15_jax.convert)
+        "pyarrow>=16.0",  # Parquet shards (data_pipelines.parquet_source)
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        # torch/transformers: the public implementation the import parity tests compare with
+        # (CPU wheel; on Python >= 3.12 those tests are skipped rather than pulling a CUDA build).
+        # libtpu: ahead-of-time compiles for TPU topologies (mm15_jax.plan) on a CPU host.
+        "test": ["pytest>=8.0", "libtpu", "torch==2.13.0; python_version < '3.12'",
+                 "transformers>=4.45; python_version < '3.12'"],
         "tpu": ["libtpu"],
     },
     entry_points={

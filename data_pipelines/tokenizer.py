@@ -47,7 +47,9 @@ class Tokenizer:
     self.model_proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
-    self.image_id = self._sp.piece_to_id(IMAGE_TOKEN)
+    if self.pad_id < 0:  # Llama's tokenizers have no pad piece; padding is masked out anyway
+      self.pad_id = max(self._sp.unk_id(), 0)
+    self.image_id = self.piece_to_id(IMAGE_TOKEN)
     self.vocab_size = self._sp.get_piece_size()
 
   def piece_to_id(self, piece: str) -> int | None:
@@ -118,15 +120,50 @@ def load_tokenizer(vocab_size: int, cache_dir: str | None = None) -> Tokenizer:
   return Tokenizer(model)
 
 
+def with_image_piece(model_proto: bytes) -> bytes:
+  """A SentencePiece model with `<image>` appended as a user-defined piece if it lacks one
+  (public tokenizers do): the new piece takes the next id, so every existing id is unchanged."""
+  from sentencepiece import sentencepiece_model_pb2  # protobuf: only needed here
+
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model_proto)
+  if any(p.piece == IMAGE_TOKEN for p in proto.pieces):
+    return model_proto
+  proto.pieces.add(piece=IMAGE_TOKEN, score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+  return proto.SerializeToString()
+
+
+def load_tokenizer_file(path: str) -> Tokenizer:
+  """A SentencePiece .model file (e.g. an imported LLM's tokenizer.model); it must have `<image>`."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.data.tokenizer={path!r}: no such file; give a SentencePiece .model file, "
+                            "'' for the built-in tokenizer or 'none' for token ids only")
+  with open(path, "rb") as f:
+    tokenizer = Tokenizer(f.read())
+  if tokenizer.image_id is None:
+    raise ValueError(f"config.data.tokenizer={path!r} has no {IMAGE_TOKEN} piece; `python -m mm15_jax.convert "
+                     "import` adds it (data_pipelines.tokenizer.with_image_piece)")
+  return tokenizer
+
+
 def check_vocab(config, tokenizer: Tokenizer) -> None:
-  """The model's embedding rows must match the tokenizer's ids."""
+  """The model's embedding rows must cover the tokenizer's ids (exactly, for the built-in one)."""
   want = config.model.llm.vocab_size
-  if want != tokenizer.vocab_size:
+  external = bool(config.data.get("tokenizer", ""))
+  if want < tokenizer.vocab_size or (want != tokenizer.vocab_size and not external):
     raise ValueError(f"config.model.llm.vocab_size={want} but the tokenizer has {tokenizer.vocab_size} pieces; "
                      f"set --config.model.llm.vocab_size={tokenizer.vocab_size} or load a tokenizer of that size")
 
 
-def tokenizer_for_config(config, cache_dir: str | None = None) -> Tokenizer:
-  tokenizer = load_tokenizer(config.model.llm.vocab_size, cache_dir)
+def tokenizer_for_config(config, cache_dir: str | None = None, *, required: bool = True) -> Tokenizer | None:
+  """config.data.tokenizer: '' the built-in one (cached), a SentencePiece file, or 'none' (token ids
+  only: None, unless `required`, as training is)."""
+  source = config.data.get("tokenizer", "")
+  if source == "none":
+    if required:
+      raise ValueError("config.data.tokenizer='none' gives token ids only; training and generation need a "
+                       "tokenizer: set config.data.tokenizer to a SentencePiece .model file")
+    return None
+  tokenizer = load_tokenizer_file(source) if source else load_tokenizer(config.model.llm.vocab_size, cache_dir)
   check_vocab(config, tokenizer)
   return tokenizer

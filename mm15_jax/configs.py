@@ -41,6 +41,19 @@ VIT_SIZES = {
 }
 
 
+# Encoder layouts of the public towers (mm15_jax.convert imports them): CLIP has a class token,
+# a LayerNorm before the blocks and no patch bias; SigLIP has none of those but a patch bias and
+# a LayerNorm after the blocks. pos_resize: how the learned position grid is resized for other
+# image sizes ("bicubic" as torch's interpolate, which the public models were tuned with).
+# image_mean/std: the pixel normalisation the encoder was trained with.
+VIT_LAYOUT = {
+    "clip": dict(class_token=True, pre_norm=True, post_norm=False, patch_bias=False, pos_resize="bilinear",
+                 image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711)),
+    "siglip": dict(class_token=False, pre_norm=False, post_norm=True, patch_bias=True, pos_resize="bicubic",
+                   image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)),
+}
+
+
 def peak_learning_rate(num_params: float) -> float:
   """MM1's size rule: eta = exp(-0.4214 ln N - 0.5535), N in parameters."""
   return math.exp(-0.4214 * math.log(num_params) - 0.5535)
@@ -49,8 +62,12 @@ def peak_learning_rate(num_params: float) -> float:
 def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_collections.ConfigDict:
   llm = dict(LLM_SIZES[size])
   llm.setdefault("head_dim", llm["d_model"] // llm["n_heads"])
-  llm.update(vocab_size=vocab_size, rope_theta=500_000.0, tie_embeddings=False, norm_eps=1e-5)
-  vit_cfg = dict(VIT_SIZES[vit], image_size=image_size, norm_eps=1e-5)
+  llm.update(vocab_size=vocab_size, rope_theta=500_000.0, tie_embeddings=False, norm_eps=1e-5,
+             qkv_bias=False,  # biases on the q/k/v projections (Qwen2-style decoders)
+             # kind "none" | "linear" (factor) | "llama3" (factor, low/high_freq_factor, original_max_position)
+             rope_scaling=dict(kind="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position=8192))
+  vit_cfg = dict(VIT_SIZES[vit], image_size=image_size, norm_eps=1e-5, **VIT_LAYOUT["clip"])
   return ml_collections.ConfigDict(dict(
       llm=llm,
       vit=vit_cfg,

@@ -56,7 +56,10 @@ class Model:
   def __init__(self, config, params, tokenizer, mesh, graphdef, rest):
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.rules = tuple(config.sharding_rules)
-    self.builder = data_pipelines.ExampleBuilder.from_config(config, tokenizer)
+    # tokenizer None (config.data.tokenizer="none", e.g. an import without a tokenizer file):
+    # token ids in, logits out; prompts and generation need a tokenizer.
+    self.builder = data_pipelines.ExampleBuilder.from_config(config, tokenizer) if tokenizer else None
+    self.tile, self.k = config.model.vit.image_size, config.model.connector.tokens_per_tile
     self._prefill = decode_lib.jit_prefill(graphdef, rest, mesh, self.rules)
     self._step = decode_lib.jit_step(graphdef, rest, mesh, self.rules)
     self._forward = decode_lib.jit_forward(graphdef, rest, mesh, self.rules)
@@ -67,7 +70,7 @@ class Model:
     """A model from params already in memory (e.g. the trainer's), placed on this model's mesh."""
     config = _inference_config(config)
     mesh, graphdef, rest, abstract = _abstract(config, devices)
-    tokenizer = tokenizer or data_pipelines.tokenizer_for_config(config)
+    tokenizer = tokenizer or data_pipelines.tokenizer_for_config(config, required=False)
     params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
     return cls(config, params, tokenizer, mesh, graphdef, rest)
 
@@ -75,6 +78,9 @@ class Model:
 
   def prompt(self, prompt, images=None) -> dict:
     """The training layout of a prompt: dict(tokens, image_slots, tiles, layouts) (ExampleBuilder.prompt)."""
+    if self.builder is None:
+      raise ValueError("this model has no tokenizer (config.data.tokenizer='none'): give token ids to "
+                       "Model.logits, or set config.data.tokenizer to a SentencePiece .model file")
     return self.builder.prompt(prompt_lib.make_record(prompt, images))
 
   def _place(self, arrays: dict) -> dict:
@@ -86,8 +92,8 @@ class Model:
   def _arrays(self, examples, length: int) -> dict:
     rows = -(-len(examples) // self.batch_shards) * self.batch_shards
     tiles = self.config.data.max_tiles if any(len(ex["tiles"]) for ex in examples) else 0
-    return prompt_lib.batch_arrays(examples, rows=rows, length=length, max_tiles=tiles, tile=self.builder.tile,
-                                   tokens_per_tile=self.builder.k, bos_id=self.tokenizer.bos_id)
+    return prompt_lib.batch_arrays(examples, rows=rows, length=length, max_tiles=tiles, tile=self.tile,
+                                   tokens_per_tile=self.k, bos_id=self.tokenizer.bos_id if self.tokenizer else 0)
 
   # ------------------------------------------------------------ outputs
 
@@ -96,15 +102,18 @@ class Model:
     each image's block as the builder makes it (`self.prompt(...)["tokens"]` plus any answer
     ids): its <image> ids are filled with the images' AnyRes tiles, in order."""
     token_ids = np.asarray(token_ids, np.int32)
+    if images and self.builder is None:
+      self.prompt("", images)  # raises: images need the tokenizer's <image> id
     images = [prompt_lib.as_image(im) for im in images or ()]
-    layouts = anyres.plan_images([im.shape[:2] for im in images], tile=self.builder.tile, anyres=self.builder.anyres)
+    layouts = [] if not images else anyres.plan_images([im.shape[:2] for im in images], tile=self.tile,
+                                                       anyres=self.builder.anyres)
     tiles = [anyres.render_tiles(im, layout) for im, layout in zip(images, layouts)]
-    slots = np.flatnonzero(token_ids == self.tokenizer.image_id)
-    want = sum(layout.num_tiles for layout in layouts) * self.builder.k
+    slots = np.flatnonzero(token_ids == self.tokenizer.image_id) if self.tokenizer else np.zeros((0,), np.int64)
+    want = sum(layout.num_tiles for layout in layouts) * self.k
     if len(slots) != want:
       raise ValueError(f"token_ids hold {len(slots)} <image> ids but the {len(images)} image(s) need {want}; "
                        "build the ids with Model.prompt(text, images)")
-    t = self.builder.tile
+    t = self.tile
     example = dict(tokens=token_ids, image_slots=slots,
                    tiles=np.concatenate(tiles) if tiles else np.zeros((0, t, t, 3), np.uint8))
     batch = self._arrays([example], prompt_lib.bucket(len(token_ids)))
@@ -177,11 +186,11 @@ def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None) -> 
   or None for a random init (config.seed). devices: the mesh's devices (default all)."""
   config = _inference_config(config)
   mesh, graphdef, rest, abstract = _abstract(config, devices)
-  if checkpoint_dir is None:
-    def init():
-      return nnx.to_pure_dict(nnx.split(state_lib.build_model(config.model, config.seed), nnx.Param, ...)[1])
-    params = jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
-  else:
-    params = ckpt_lib.load_params(str(checkpoint_dir), abstract)
-  tokenizer = tokenizer or data_pipelines.tokenizer_for_config(config)
+  def init():
+    fresh = lambda: nnx.to_pure_dict(nnx.split(state_lib.build_model(config.model, config.seed), nnx.Param, ...)[1])
+    return jax.jit(fresh, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
+
+  # A checkpoint of some parts only (an import) gets the others fresh from config.seed.
+  params = init() if checkpoint_dir is None else ckpt_lib.load_params(str(checkpoint_dir), abstract, init=init)
+  tokenizer = tokenizer or data_pipelines.tokenizer_for_config(config, required=False)
   return Model(config, params, tokenizer, mesh, graphdef, rest)

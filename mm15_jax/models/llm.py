@@ -16,6 +16,7 @@ in. Same parameters, same blocks, so the cached path computes what the full forw
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mm15_jax.models.attention import attention, check_impl, decode_attention
@@ -104,13 +105,38 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+  """Inverse frequencies [head_dim / 2] in float64: theta^(-2i/head_dim), then the context-extension
+  rule of `scaling` (config.model.llm.rope_scaling): "linear" divides them all by `factor`
+  (position interpolation); "llama3" divides only the long wavelengths, blending in between, as
+  Llama 3.1 was trained. Computed on the host: they are constants of the model."""
+  half = head_dim // 2
+  inv_freq = float(theta) ** (-np.arange(half, dtype=np.float64) / half)
+  kind = (scaling or {}).get("kind", "none")
+  if kind == "none":
+    return inv_freq
+  factor = float(scaling["factor"])
+  if kind == "linear":
+    return inv_freq / factor
+  if kind == "llama3":
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position"])
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return np.where(wavelen > context / low, inv_freq / factor, np.where(wavelen < context / high, inv_freq, blended))
+  raise ValueError(f"config.model.llm.rope_scaling.kind={kind!r}: expected one of {ROPE_SCALINGS}")
+
+
+def rope(x, positions, theta: float, scaling=None):
   """Rotary embedding, half-split layout (rotates dims i and i + head_dim/2).
 
   x: [batch, length, heads, head_dim]; positions: int [batch, length] (restart per packed segment).
   """
-  half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], theta, scaling), jnp.float32)  # [half]
   angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [batch, length, 1, half]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -124,12 +150,20 @@ class DecoderBlock(nnx.Module):
   def __init__(self, cfg, *, dtype, param_dtype, attention_impl, moe=None, rngs):
     d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     self.dtype, self.theta, self.attention_impl = dtype, cfg.rope_theta, attention_impl
+    scaling = cfg.get("rope_scaling") or {}
+    # A tuple: a static attribute of the module, not a pytree of the graph.
+    self.rope_scaling = tuple(sorted(dict(scaling).items())) if scaling.get("kind", "none") != "none" else None
     p = lambda init, shape, names: param(rngs, init, shape, names, param_dtype)
     self.attn_norm = RMSNorm(d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.q = p(dense_init(0), (d, h, hd), ("embed", "heads", "head_dim"))
     self.k = p(dense_init(0), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.v = p(dense_init(0), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.o = p(dense_init((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"))
+    if cfg.get("qkv_bias", False):  # Qwen2-style decoders
+      zeros = jax.nn.initializers.zeros
+      self.q_bias = p(zeros, (h, hd), ("heads", "head_dim"))
+      self.k_bias = p(zeros, (kv, hd), ("kv_heads", "head_dim"))
+      self.v_bias = p(zeros, (kv, hd), ("kv_heads", "head_dim"))
     self.mlp_norm = RMSNorm(d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     if moe is not None:  # returns (x, MoE stats)
       self.moe = MoE(d, moe, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -142,10 +176,16 @@ class DecoderBlock(nnx.Module):
     # x: [batch, length, embed] -> q [batch, length, heads, head_dim], k, v [.., kv_heads, ..], RoPE on q, k.
     w = lambda v: v[...].astype(self.dtype)
     y = self.attn_norm(x)
-    q = constrain(jnp.einsum("bld,dhk->blhk", y, w(self.q)), ("batch", "length", "heads", "head_dim"))
-    k = constrain(jnp.einsum("bld,dhk->blhk", y, w(self.k)), ("batch", "length", "kv_heads", "head_dim"))
-    v = constrain(jnp.einsum("bld,dhk->blhk", y, w(self.v)), ("batch", "length", "kv_heads", "head_dim"))
-    return rope(q, positions, self.theta), rope(k, positions, self.theta), v
+
+    def project(name, heads_axis):
+      out = jnp.einsum("bld,dhk->blhk", y, w(getattr(self, name)))
+      if hasattr(self, name + "_bias"):
+        out = out + w(getattr(self, name + "_bias"))
+      return constrain(out, ("batch", "length", heads_axis, "head_dim"))
+
+    q, k, v = project("q", "heads"), project("k", "kv_heads"), project("v", "kv_heads")
+    scaling = dict(self.rope_scaling) if self.rope_scaling else None
+    return rope(q, positions, self.theta, scaling), rope(k, positions, self.theta, scaling), v
 
   def _rest(self, x, a, valid):
     """Attention output projection, then the MLP (or MoE): (x, MoE stats or None)."""

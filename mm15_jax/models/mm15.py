@@ -13,12 +13,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalize_pixels(images):
-  """uint8 pixels -> CLIP-normalised floats; float input is taken as already normalised."""
+def normalize_pixels(images, mean=CLIP_MEAN, std=CLIP_STD):
+  """uint8 pixels -> normalised floats (the encoder's mean/std); float input is taken as already normalised."""
   if images.dtype != jnp.uint8:
     return images
   x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 class MM15(nnx.Module):
@@ -28,6 +28,7 @@ class MM15(nnx.Module):
     common = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
                   attention_impl=config.attention_impl, scan_unroll=config.scan_unroll, rngs=rngs)
     self.vit = VisionTransformer(config.vit, **common)
+    self.pixel_stats = (tuple(config.vit.get("image_mean", CLIP_MEAN)), tuple(config.vit.get("image_std", CLIP_STD)))
     self.connector = make_connector(config, rngs)
     moe = config.get("moe") if hasattr(config, "get") else None
     self.llm = Decoder(config.llm, moe=moe, **common)
@@ -49,7 +50,7 @@ class MM15(nnx.Module):
     b, length, d = x.shape
     t = images.shape[1]
     if t:
-      tiles = normalize_pixels(images.reshape(b * t, *images.shape[2:]))
+      tiles = normalize_pixels(images.reshape(b * t, *images.shape[2:]), *self.pixel_stats)
       feats = self.vit(tiles)  # [B*T, patches, vit_width]
       img = self.connector(feats)  # [B*T, K, D]
       img = img.reshape(b, -1, d).astype(x.dtype)  # [B, T*K, D], tile-major like the positions

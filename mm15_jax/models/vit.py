@@ -8,6 +8,7 @@ learned for the `image_size` grid and bilinearly resized at call time for any ot
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mm15_jax.models.attention import attention, check_impl
@@ -17,7 +18,9 @@ from mm15_jax.sharding import constrain
 ACTS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # SigLIP's "gelu_pytorch_tanh"
 }
+POS_RESIZE = ("bilinear", "bicubic")
 
 
 class LayerNorm(nnx.Module):
@@ -36,13 +39,41 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def resize_pos_embedding(table, grid_h: int, grid_w: int):
-  """table: [h, w, width] learned grid -> [grid_h, grid_w, width], bilinear (half-pixel centres).
+def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """[n_out, n_in] weights of 1-D bicubic resizing as torch's `interpolate(mode="bicubic",
+  align_corners=False)` computes it (Keys kernel a=-0.75, half-pixel centres, edge samples
+  repeated), so encoders tuned with it see the same position embeddings at other sizes."""
+
+  def kernel(t):
+    t = abs(t)
+    if t <= 1:
+      return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+      return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return 0.0
+
+  m = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    src = (i + 0.5) * n_in / n_out - 0.5
+    base = int(np.floor(src))
+    for j in range(base - 1, base + 3):
+      m[i, min(max(j, 0), n_in - 1)] += kernel(src - j)
+  return m
+
+
+def resize_pos_embedding(table, grid_h: int, grid_w: int, method: str = "bilinear"):
+  """table: [h, w, width] learned grid -> [grid_h, grid_w, width]: "bilinear" (half-pixel
+  centres) or "bicubic" (torch's, see bicubic_matrix).
 
   Returns the table itself at its own grid, so native-resolution inputs see the learned values.
   """
   if table.shape[:2] == (grid_h, grid_w):
     return table
+  if method == "bicubic":
+    rows = jnp.asarray(bicubic_matrix(table.shape[0], grid_h), jnp.float32)
+    cols = jnp.asarray(bicubic_matrix(table.shape[1], grid_w), jnp.float32)
+    out = jnp.einsum("ih,jw,hwd->ijd", rows, cols, table.astype(jnp.float32), precision="highest")
+    return out.astype(table.dtype)
   return jax.image.resize(table, (grid_h, grid_w, table.shape[-1]), method="bilinear", antialias=False)
 
 
@@ -100,6 +131,8 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"config.model.vit.act={config.act!r}: expected one of {sorted(ACTS)}")
     if config.width % config.heads:
       raise ValueError(f"config.model.vit: width={config.width} is not a multiple of heads={config.heads}")
+    if config.get("pos_resize", "bilinear") not in POS_RESIZE:
+      raise ValueError(f"config.model.vit.pos_resize={config.pos_resize!r}: expected one of {POS_RESIZE}")
     if config.image_size % config.patch_size:
       raise ValueError(f"config.model.vit: image_size={config.image_size} is not a multiple of "
                        f"patch_size={config.patch_size}")
@@ -108,14 +141,21 @@ class VisionTransformer(nnx.Module):
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     self.dtype, self.remat, self.patch_size = dtype, remat, config.patch_size
     self.scan_unroll = scan_unroll
+    self.pos_resize = config.get("pos_resize", "bilinear")
     p, d, g = config.patch_size, config.width, config.image_size // config.patch_size
     emb = jax.nn.initializers.normal(d ** -0.5)  # CLIP's scale for class and position embeddings
     # Conv kernel layout [p, p, 3, width] (open_clip's conv1, transposed), applied as a matmul.
     self.patch_embedding = param(rngs, dense_init((0, 1, 2)), (p, p, 3, d), (None, None, None, "embed"), param_dtype)
-    self.class_embedding = param(rngs, emb, (d,), (None,), param_dtype)
-    self.class_pos_embedding = param(rngs, emb, (d,), (None,), param_dtype)
+    if config.get("patch_bias", False):
+      self.patch_bias = param(rngs, jax.nn.initializers.zeros, (d,), (None,), param_dtype)
+    if config.get("class_token", True):
+      self.class_embedding = param(rngs, emb, (d,), (None,), param_dtype)
+      self.class_pos_embedding = param(rngs, emb, (d,), (None,), param_dtype)
     self.pos_embedding = param(rngs, emb, (g, g, d), (None, None, "embed"), param_dtype)
-    self.ln_pre = LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if config.get("pre_norm", True):
+      self.ln_pre = LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if config.get("post_norm", False):
+      self.ln_post = LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.layers = stack_layers(
         lambda r: ViTBlock(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=r),
         config.depth, rngs)
@@ -130,11 +170,19 @@ class VisionTransformer(nnx.Module):
     # Non-overlapping patches: [n, gh, gw, p, p, 3] -> [n, gh, gw, width].
     patches = images.astype(self.dtype).reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = jnp.einsum("nhwpqc,pqcd->nhwd", patches, self.patch_embedding[...].astype(self.dtype))
-    x = x + resize_pos_embedding(self.pos_embedding[...], gh, gw).astype(self.dtype)
+    if hasattr(self, "patch_bias"):
+      x = x + self.patch_bias[...].astype(self.dtype)
+    x = x + resize_pos_embedding(self.pos_embedding[...], gh, gw, self.pos_resize).astype(self.dtype)
     x = x.reshape(n, gh * gw, -1)
-    cls = (self.class_embedding[...] + self.class_pos_embedding[...]).astype(self.dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cls.shape[-1])), x], axis=1)
-    x = constrain(self.ln_pre(x), ("batch", "length", "embed"))
+    has_cls = hasattr(self, "class_embedding")
+    if has_cls:
+      cls = (self.class_embedding[...] + self.class_pos_embedding[...]).astype(self.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cls.shape[-1])), x], axis=1)
+    if hasattr(self, "ln_pre"):
+      x = self.ln_pre(x)
+    x = constrain(x, ("batch", "length", "embed"))
     segment_ids = jnp.ones(x.shape[:2], jnp.int32)
     x = scan_layers(self.layers, x, segment_ids, remat=self.remat, unroll=self.scan_unroll)
-    return x[:, 1:]  # patch tokens only: [n, gh * gw, width]
+    if hasattr(self, "ln_post"):
+      x = self.ln_post(x)
+    return x[:, 1:] if has_cls else x  # patch tokens only: [n, gh * gw, width]

@@ -35,10 +35,12 @@ def _is_axes(x):
 
 
 def decay_mask(logical_axes: dict) -> dict:
-  """Weight decay on matrices only: norms' scales and biases are vectors (per layer)."""
-  def is_matrix(names):
-    return len([n for n in names if n != "layers"]) >= 2
-  return jax.tree.map(is_matrix, logical_axes, is_leaf=_is_axes)
+  """Weight decay on weight matrices only: not on norms' scales, nor on biases (vectors, or
+  [heads, head_dim] for the decoder's q/k/v biases)."""
+  def is_matrix(path, names):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not name.endswith("bias") and len([n for n in names if n != "layers"]) >= 2
+  return jax.tree_util.tree_map_with_path(is_matrix, logical_axes, is_leaf=_is_axes)
 
 
 def _decay_mask_fn(logical_axes: dict):

@@ -1,0 +1,1 @@
+"""Public checkpoints in and out: import (safetensors -> orbax + experiment file), export, parity check."""

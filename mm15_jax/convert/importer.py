@@ -1,0 +1,186 @@
+"""Public weights -> an orbax checkpoint of one part (llm or vit) plus an experiment file.
+
+  OUT/checkpoints/0/params   {"llm": ...} or {"vit": ...}, our layout and param dtype
+  OUT/config.py              the experiment: base() with the imported shape, init.<part>_from=OUT
+  OUT/tokenizer.model        the decoder's SentencePiece model with <image> added (if it had one)
+  OUT/import.json            where it came from
+
+The experiment file is written last, so its presence marks a complete import.
+`mm15_jax.inference.load_model("OUT/config.py", "OUT")` loads it (the other parts start from
+config.seed), and training starts from it through `config.init.llm_from` / `vit_from`.
+"""
+
+import json
+import os
+import pprint
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from data_pipelines import tokenizer as tokenizer_lib
+from mm15_jax import configs
+from mm15_jax import sharding as shd
+from mm15_jax.convert import public_decoder, public_vision, tensor_map
+from mm15_jax.convert.safetensors_dir import PublicCheckpoint
+from mm15_jax.train import state as state_lib
+
+KINDS = ("llm", "vit")
+
+
+def experiment_config(kind: str, part_config: dict, *, tokenizer: str = "none"):
+  """base() with the imported part's shape; the other parts stay the base's (tiny) ones."""
+  c = configs.base()
+  if kind == "llm":
+    c.model.llm.update(part_config)
+    c.data.tokenizer = tokenizer
+  else:
+    c.model.vit.update(part_config)
+    c.model.connector.hidden_dim = part_config["width"]
+    grid = part_config["image_size"] // part_config["patch_size"]
+    c.model.connector.tokens_per_tile = min(12, grid) ** 2  # 144 at 336+ px, as MM1.5
+    c.data.max_tiles = 4
+  return c
+
+
+def abstract_part(config, kind: str, mesh):
+  """(ShapeDtypeStructs carrying their shardings, shardings) of one part's params under `mesh`."""
+  model = nnx.eval_shape(lambda: state_lib.build_model(config.model, config.seed))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  logical, abstract = state_lib.logical_axes(params), nnx.to_pure_dict(params)
+  shardings = state_lib.param_shardings(logical, abstract, mesh, config.sharding_rules)
+  structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return structs[kind], shardings[kind]
+
+
+def import_mesh(devices=None):
+  """Params sharded over every device (fsdp), as training holds them: nothing is replicated."""
+  return shd.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), devices)
+
+
+def read_part(kind: str, checkpoint: PublicCheckpoint, mesh, *, stats=None):
+  """(our part config, params placed on `mesh`) from a public checkpoint."""
+  if kind == "llm":
+    part = public_decoder.llm_config(checkpoint.config)
+    entries, n_layers = public_decoder.tensors(part), part["n_layers"]
+    ignore = public_decoder.IGNORED + (("lm_head.weight",) if part["tie_embeddings"] else ())
+    what = f"{checkpoint.config['model_type']} decoder"
+  elif kind == "vit":
+    part = public_vision.vit_config(checkpoint.config, checkpoint.load_json("preprocessor_config.json"))
+    prefix = public_vision.prefix_of(checkpoint.keys())
+    entries, n_layers, ignore = public_vision.tensors(part, prefix), part["depth"], public_vision.ignored(prefix)
+    what = f"{checkpoint.config['model_type']} vision"
+  else:
+    raise ValueError(f"--kind={kind!r}: expected one of {KINDS}")
+  tensor_map.check_names(entries, checkpoint, n_layers, ignore=ignore, what=what)
+  config = experiment_config(kind, part)
+  abstract, shardings = abstract_part(config, kind, mesh)
+  tensor_map.check_shapes(entries, checkpoint, abstract)
+  missing = sorted(set(map(tuple, tensor_map.leaf_paths(abstract))) - {e.ours for e in entries})
+  if missing:  # a mapping that forgot a param would leave it at its fresh init
+    raise AssertionError(f"no public tensor maps to {missing}")
+  return part, tensor_map.load(entries, checkpoint, abstract, shardings, stats)
+
+
+def add_image_token(llm_params: dict, part: dict, tokenizer_proto: bytes):
+  """(params, part, proto) with `<image>` appended to the tokenizer and one embedding row (and LM
+  head column) added for it, the mean of the others: the id MM1.5 writes image tokens at.
+  Unchanged if the tokenizer already has it."""
+  new_proto = tokenizer_lib.with_image_piece(tokenizer_proto)
+  vocab = tokenizer_lib.Tokenizer(new_proto).vocab_size
+  if vocab <= part["vocab_size"]:
+    return llm_params, part, new_proto
+  if vocab != part["vocab_size"] + 1:
+    raise ValueError(f"tokenizer.model has {vocab - 1} pieces but config.json vocab_size={part['vocab_size']}")
+  params = dict(llm_params)
+  params["embedding"] = jnp.concatenate([params["embedding"], params["embedding"].mean(0, keepdims=True)], 0)
+  if "lm_head" in params:
+    params["lm_head"] = jnp.concatenate([params["lm_head"], params["lm_head"].mean(1, keepdims=True)], 1)
+  return params, dict(part, vocab_size=vocab), new_proto
+
+
+def save_part(out_dir: str, kind: str, params) -> None:
+  manager = ocp.CheckpointManager(epath.Path(out_dir).absolute() / "checkpoints",
+                                  options=ocp.CheckpointManagerOptions(create=True), item_names=("params",))
+  manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({kind: params})))
+  manager.wait_until_finished()
+  manager.close()
+
+
+CONFIG_TEMPLATE = '''"""{title}, imported by `python -m mm15_jax.convert import` from
+{source}
+
+  python -m mm15_jax.train --config={path} --workdir=DIR   # starts from the imported {kind}
+  python -m mm15_jax.convert check --hf={source} --checkpoint={out}
+
+The other parts of the model are the base experiment's (mm15_jax.configs.base); set them
+(and data, mesh, train) for the run you want, or load this file from your experiment.
+"""
+
+import os
+
+from mm15_jax import configs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMPORTED = {part}
+
+
+def get_config(arg=""):
+  del arg
+  c = configs.base()
+  c.model.{kind}.update(IMPORTED)
+{extra}  c.init.{kind}_from = HERE
+  return c
+'''
+
+
+def write_experiment(out_dir: str, kind: str, part: dict, source: str, tokenizer_file: str | None) -> str:
+  if kind == "llm":
+    tok = 'os.path.join(HERE, "tokenizer.model")' if tokenizer_file else '"none"  # no tokenizer.model was found'
+    extra = f"  c.data.tokenizer = {tok}\n"
+    title = "Decoder LLM"
+  else:
+    grid = part["image_size"] // part["patch_size"]
+    extra = (f"  c.model.connector.hidden_dim = {part['width']}\n"
+             f"  c.model.connector.tokens_per_tile = {min(12, grid) ** 2}\n  c.data.max_tiles = 4\n")
+    title = "Image encoder"
+  path = os.path.join(out_dir, "config.py")
+  text = CONFIG_TEMPLATE.format(title=title, source=os.path.abspath(source), path=path, out=out_dir, kind=kind,
+                                part=pprint.pformat(part, indent=4, sort_dicts=False), extra=extra)
+  fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def run_import(kind: str, hf_dir: str, out_dir: str, *, devices=None) -> dict:
+  """The whole import; returns a summary (param count, bytes read, paths)."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(os.path.join(out_dir, "config.py")) or os.path.exists(os.path.join(out_dir, "checkpoints")):
+    raise FileExistsError(f"--out={out_dir!r} already holds an import; give a new directory")
+  checkpoint = PublicCheckpoint(hf_dir)
+  stats = {}
+  part, params = read_part(kind, checkpoint, import_mesh(devices), stats=stats)
+  tokenizer_file = None
+  os.makedirs(out_dir, exist_ok=True)
+  if kind == "llm" and os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+    with open(os.path.join(hf_dir, "tokenizer.model"), "rb") as f:
+      params, part, proto = add_image_token(params, part, f.read())
+    tokenizer_file = os.path.join(out_dir, "tokenizer.model")
+    with open(tokenizer_file, "wb") as f:
+      f.write(proto)
+  save_part(out_dir, kind, params)
+  summary = dict(kind=kind, source=os.path.abspath(hf_dir), model_type=checkpoint.config.get("model_type"),
+                 params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))),
+                 bytes_read=checkpoint.bytes_read, largest_host_array=stats.get("largest_host_array", 0),
+                 tokenizer=tokenizer_file)
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, "import.json"), "w") as f:
+      json.dump(dict(summary, config=part), f, indent=2, default=list)
+    summary["config"] = write_experiment(out_dir, kind, part, hf_dir, tokenizer_file)
+  return summary
