@@ -1,18 +1,20 @@
-r"""JSONL + image files -> sharded ArrayRecord, the format read at scale.
+r"""JSONL + image files, Parquet or WebDataset shards -> sharded ArrayRecord, the format read at scale.
 
   python -m data_pipelines.convert --jsonl=data/sft.jsonl --image_root=data/images \
       --out=data/ar/sft --shards=8
+  python -m data_pipelines.convert --parquet='/data/obelics/*.parquet' --out=data/ar/obelics --shards=64
+  python -m data_pipelines.convert --webdataset='/data/llava-{000000..000099}.tar' --out=data/ar/llava
 
 writes data/ar/sft-00000-of-00008.array_record ... and data/ar/sft.index.json (shard
 names, records per shard and per kind, skip counts); `sources.ArrayRecordSource(
 "data/ar/sft")` reads them back. Images are embedded as their file bytes (no re-encode).
-Lines are split over shards in contiguous blocks, so reading the shards in order gives the
-good lines in file order. Bad lines (bad JSON, malformed, missing or, with --check_images,
-undecodable images) are skipped and counted, never a crash. Shards are written under
-temporary names and renamed once all are complete; the index is renamed last, so its
-presence means the conversion finished.
+Input items (JSONL lines, Parquet rows, WebDataset samples) are split over shards in
+contiguous blocks, so reading the shards in order gives the good items in input order. Bad
+items (bad JSON, malformed, missing or, with --check_images, undecodable images, URL images)
+are skipped and counted, never a crash. Shards are written under temporary names and renamed
+once all are complete; the index is renamed last, so its presence means the conversion
+finished. Parquet options (--image_root, --layout, --fields) are ParquetSource's.
 """
-
 import collections
 import json
 import os
@@ -28,12 +30,34 @@ WRITER_OPTIONS = "group_size:1"
 MAX_EXAMPLES = 20  # skip reasons kept verbatim in the summary
 
 
-def convert(jsonl: str, out: str, *, shards: int = 1, image_root: str | None = None,
-            check_images: bool = True) -> dict:
-  """Writes the shards and the index; returns the summary (also the index's contents)."""
+def open_input(jsonl: str | None = None, *, parquet=None, webdataset=None, image_root: str | None = None,
+               fields: dict | None = None, layout: str | None = None) -> tuple[str, str | list, object]:
+  """Exactly one input -> (format, description, source of serialised records)."""
+  given = [name for name, value in (("jsonl", jsonl), ("parquet", parquet), ("webdataset", webdataset)) if value]
+  if len(given) != 1:
+    raise ValueError(f"give exactly one input of --jsonl, --parquet, --webdataset; got {given or 'none'}")
+  if jsonl:
+    return "jsonl", os.path.abspath(jsonl), sources.JsonlSource(jsonl, image_root)
+  patterns = parquet or webdataset
+  patterns = [os.fspath(patterns)] if isinstance(patterns, (str, os.PathLike)) else [os.fspath(p) for p in patterns]
+  description = patterns[0] if len(patterns) == 1 else patterns
+  if parquet:
+    return "parquet", description, sources.ParquetSource(patterns, image_root=image_root, fields=fields,
+                                                         layout=layout)
+  return "webdataset", description, sources.WebDatasetSource(patterns, fields=fields)
+
+
+def convert(jsonl: str | None, out: str, *, shards: int = 1, image_root: str | None = None,
+            check_images: bool = True, parquet=None, webdataset=None, fields: dict | None = None,
+            layout: str | None = None) -> dict:
+  """Writes the shards and the index; returns the summary (also the index's contents).
+
+  The input is `jsonl`, or (jsonl=None) `parquet` / `webdataset`: a glob, brace pattern or list.
+  """
   if shards < 1:
     raise ValueError(f"--shards={shards} must be >= 1")
-  source = sources.JsonlSource(jsonl, image_root)
+  input_format, description, source = open_input(jsonl, parquet=parquet, webdataset=webdataset,
+                                                 image_root=image_root, fields=fields, layout=layout)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   finals = [sources.shard_name(out, s, shards) for s in range(shards)]
   temps = [f"{path}.tmp-{os.getpid()}" for path in finals]
@@ -67,7 +91,8 @@ def convert(jsonl: str, out: str, *, shards: int = 1, image_root: str | None = N
       if os.path.exists(temp):
         os.remove(temp)
   summary = dict(
-      source=os.path.abspath(jsonl), lines=len(source), records=sum(per_shard), skipped=sum(skipped.values()),
+      format=input_format, source=description, items=len(source), records=sum(per_shard),
+      skipped=sum(skipped.values()),
       skipped_by_reason=dict(skipped), skipped_examples=examples, kinds=dict(sorted(kinds.items())),
       shards=[os.path.basename(path) for path in finals], records_per_shard=per_shard)
   index_path = out + sources.INDEX_SUFFIX
@@ -77,23 +102,42 @@ def convert(jsonl: str, out: str, *, shards: int = 1, image_root: str | None = N
   return summary
 
 
+def parse_fields(text: str) -> dict:
+  """"texts=text_list,image=" -> {"texts": "text_list", "image": None} (empty: no such column)."""
+  fields = {}
+  for item in filter(None, text.split(",")):
+    key, equals, value = item.partition("=")
+    if not equals:
+      raise app.UsageError(f"--fields item {item!r}: expected key=column, e.g. --fields=texts=text_list,images=imgs")
+    fields[key.strip()] = value.strip() or None
+  return fields
+
+
 def _define_flags() -> None:
   # Defined only when run as a program, so importing convert() never clashes with other CLIs' flags.
   flags.DEFINE_string("jsonl", None, "Input JSONL, one record per line (see sources.JsonlSource).")
-  flags.DEFINE_string("image_root", None, "Folder the image paths are relative to (default: the JSONL's).")
+  # multi: an unquoted brace pattern is expanded by the shell into one flag per shard.
+  flags.DEFINE_multi_string("parquet", None, "Input Parquet shards: glob or brace pattern (see ParquetSource).")
+  flags.DEFINE_multi_string("webdataset", None, "Input WebDataset tar shards: brace pattern like "
+                            "'x-{000..099}.tar' or glob (see WebDatasetSource).")
+  flags.DEFINE_string("image_root", None, "Folder image paths are relative to (default: the JSONL's / shard's).")
+  flags.DEFINE_string("layout", None, "Parquet layout: interleaved | conversations (default: from the columns).")
+  flags.DEFINE_string("fields", "", "Column (Parquet) or JSON key (WebDataset) names, as key=name,... "
+                      "e.g. texts=text_list,images=imgs; key= marks an absent column.")
   flags.DEFINE_string("out", None, "Output prefix DIR/name; shards are DIR/name-SSSSS-of-NNNNN.array_record.")
   flags.DEFINE_integer("shards", 1, "Number of ArrayRecord shards.")
-  flags.DEFINE_bool("check_images", True, "Decode every image and skip lines whose images fail.")
+  flags.DEFINE_bool("check_images", True, "Decode every image and skip items whose images fail.")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments {argv[1:]} (quote glob and brace patterns)")
   args = flags.FLAGS
-  if not args.jsonl or not args.out:
-    raise app.UsageError("--jsonl and --out are required")
-  summary = convert(args.jsonl, args.out, shards=args.shards, image_root=args.image_root,
-                    check_images=args.check_images)
+  if not (args.jsonl or args.parquet or args.webdataset) or not args.out:
+    raise app.UsageError("--out and one of --jsonl, --parquet, --webdataset are required")
+  summary = convert(args.jsonl, args.out, parquet=args.parquet, webdataset=args.webdataset, shards=args.shards,
+                    image_root=args.image_root, check_images=args.check_images, fields=parse_fields(args.fields),
+                    layout=args.layout)
   json.dump(summary, sys.stdout, indent=1)
   print()
 

@@ -7,6 +7,11 @@
       "vqa": dict(kind="tfds", weight=0.1, name="my_vqa", split="train", eval_split="validation",
                   data_dir="/data/tfds", fields=dict(image="image", question="question", answer="answer")),
       "mine": dict(kind="jsonl", weight=0.1, path="/data/mine.jsonl", eval_path="/data/mine_val.jsonl"),
+      "obelics": dict(kind="parquet", weight=0.1, paths="/data/obelics/train-*.parquet",
+                      eval_paths="/data/obelics/val-*.parquet", image_root="/data/obelics/images",
+                      fields=dict(texts="texts", images="images")),   # optional, as is layout=
+      "llava": dict(kind="webdataset", weight=0.1, paths="/data/llava/train-{000000..000099}.tar",
+                    eval_paths="/data/llava/val-000000.tar"),
   }
 
 Each source is shuffled with its own seed and repeated, then `grain.MapDataset.mix` interleaves
@@ -21,7 +26,7 @@ from data_pipelines import builtin, records
 from data_pipelines import sources as sources_lib
 from data_pipelines.sequence import ExampleBuilder
 
-KINDS = ("builtin", "array_record", "tfds", "jsonl")
+KINDS = ("builtin", "array_record", "tfds", "jsonl", "parquet", "webdataset")
 
 
 def _field(spec, key, default=None):
@@ -39,10 +44,16 @@ def make_source(name: str, spec, config, split: str):
     size = config.data.num_examples if split == "train" else config.data.eval_examples
     return builtin.SOURCES[task](split, size, seed=config.seed, image_scale=config.data.image_scale)
   is_eval = split == "eval"
-  if kind == "array_record":
-    paths = _field(spec, "eval_paths" if is_eval else "paths")
+  if kind in ("array_record", "parquet", "webdataset"):
+    key = "eval_paths" if is_eval else "paths"
+    paths = _field(spec, key)
     if not paths:
-      raise ValueError(f"{where}: kind='array_record' needs {'eval_paths' if is_eval else 'paths'}")
+      raise ValueError(f"{where}: kind={kind!r} needs {key}")
+    if kind == "parquet":
+      return sources_lib.ParquetSource(paths, image_root=_field(spec, "image_root"), layout=_field(spec, "layout"),
+                                       fields=dict(_field(spec, "fields", {}) or {}))
+    if kind == "webdataset":
+      return sources_lib.WebDatasetSource(paths, fields=dict(_field(spec, "fields", {}) or {}))
     return sources_lib.ArrayRecordSource(paths)
   if kind == "tfds":
     return sources_lib.TfdsSource(

@@ -1,4 +1,6 @@
-"""Random-access sources of SERIALISED records: ArrayRecord shards, tfds, JSONL + image files.
+"""Random-access sources of SERIALISED records: ArrayRecord shards, tfds, JSONL + image files,
+and the public corpora as distributed: Parquet (parquet_source.py) and WebDataset tars
+(webdataset_source.py).
 
 Every source is a grain random-access source (`__len__`, `__getitem__`) whose items are
 the bytes of `records.encode` (or of `records.encode_error` when the source could not make
@@ -10,6 +12,11 @@ reading stays cheap and every failure surfaces in one place.
   TfdsSource("my_vqa", "train", "/data/tfds", fields=dict(kind="conversation", image="image",
              question="question", answer="answers"))
   JsonlSource("data/sft.jsonl", image_root="data/images")
+  ParquetSource("/data/obelics-*.parquet")                 # or LLaVA conversations
+  WebDatasetSource("/data/llava-{000000..000099}.tar")
+
+grain reads a source from several threads at once (ReadOptions.num_threads), so reads
+share no file position: each uses its own handle or a positional read.
 """
 
 import glob
@@ -20,6 +27,8 @@ import grain
 import numpy as np
 
 from data_pipelines import records
+from data_pipelines.parquet_source import ParquetSource
+from data_pipelines.webdataset_source import WebDatasetSource
 
 SHARD_SUFFIX = ".array_record"
 INDEX_SUFFIX = ".index.json"
@@ -233,9 +242,10 @@ class JsonlSource:
 
   def _line(self, index: int) -> bytes:
     if self._file is None:
-      self._file = open(self.path, "rb")
-    self._file.seek(int(self._starts[index]))
-    return self._file.read(int(self._starts[index + 1] - self._starts[index]))
+      self._file = open(self.path, "rb", buffering=0)  # two threads racing here open it twice, harmlessly
+    # pread, not seek + read: no shared file position, so grain's reader threads cannot
+    # read each other's lines.
+    return os.pread(self._file.fileno(), int(self._starts[index + 1] - self._starts[index]), int(self._starts[index]))
 
   def __getitem__(self, index: int) -> bytes:
     if not 0 <= index < len(self):
@@ -269,4 +279,5 @@ class JsonlSource:
 
 
 # config.data.sources[name]["kind"] -> class; the other keys of the entry are its arguments.
-SOURCES = {"array_record": ArrayRecordSource, "tfds": TfdsSource, "jsonl": JsonlSource}
+SOURCES = {"array_record": ArrayRecordSource, "tfds": TfdsSource, "jsonl": JsonlSource,
+           "parquet": ParquetSource, "webdataset": WebDatasetSource}
