@@ -1,14 +1,17 @@
 """Throughput and MFU of the jitted train step on synthetic tokens.
 
   python benchmarks/train_step.py --preset=maxtext_cpu          # the CPU peer comparison
+  python benchmarks/train_step.py --preset=cpu_100m --steps=3    # ~100M parameters on a CPU
   python benchmarks/train_step.py --preset=llm_1b --attention=cudnn   # on a GPU
 
 MFU = model FLOPs per step (mm15_jax/train/flops.py) / (step time x peak), with the peak
-both from the data sheet and from a large matmul measured in the same run.
+both from the data sheet and from a large matmul measured in the same run. The model FLOPs
+are cross-checked against XLA's count of the compiled step (`xla_step_flops`).
 """
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -21,11 +24,19 @@ from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 PRESETS = {
     # MaxText's CPU reference point: llama-style, 4 layers, d 256, 4 heads, MLP 1024,
     # vocab 32000, sequence 512, batch 8, fp32, text only.
     "maxtext_cpu": dict(layers=4, d=256, heads=4, kv=4, mlp=1024, vocab=32000, seq=512, batch=8,
                         dtype="float32", remat="none", tiles=0),
+    # experiments/tiny.py as it trains: batch 16 x 256 tokens, 16 tiles of 32 px per row, fp32.
+    "tiny": dict(experiment="experiments/tiny.py"),
+    # ~100M parameters on a CPU: llama-style, 12 layers, d 768, 12 heads, MLP 2048, vocab 32000
+    # (134M in all, 110M in matmuls), sequence 512, batch 1, fp32, text only.
+    "cpu_100m": dict(layers=12, d=768, heads=12, kv=12, mlp=2048, vocab=32000, seq=512, batch=1,
+                     dtype="float32", remat="none", tiles=0),
     # The MM1.5-1B decoder, bf16, text only.
     "llm_1b": dict(size="1b", vocab=32768, seq=4096, batch=8, dtype="bfloat16", remat="full", tiles=0),
     # The MM1.5-1B multimodal model: 4096 tokens with 4 x 144 image tokens (378 px tiles).
@@ -35,6 +46,18 @@ PRESETS = {
 
 
 def make_config(preset: dict, attention: str, remat: str | None):
+  if "experiment" in preset:  # the experiment's own model, batch and data shapes
+    c = configs.load_experiment(os.path.join(ROOT, preset["experiment"]))
+    c.model.remat = remat or c.model.remat
+  else:
+    c = preset_config(preset, remat)
+  c.model.attention_impl = attention
+  c.train.steps = 1000
+  c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1)
+  return c
+
+
+def preset_config(preset: dict, remat: str | None):
   c = configs.base()
   if "size" in preset:
     c.model = configs.model_config(preset["size"], preset.get("vit", "tiny"), 378 if "vit" in preset else 32,
@@ -46,13 +69,28 @@ def make_config(preset: dict, attention: str, remat: str | None):
     llm.head_dim, llm.mlp_dim, llm.vocab_size = preset["d"] // preset["heads"], preset["mlp"], preset["vocab"]
   c.model.dtype = preset["dtype"]
   c.model.remat = remat or preset["remat"]
-  c.model.attention_impl = attention
   c.data.seq_len = preset["seq"]
   c.data.max_tiles = preset["tiles"]
   c.train.batch_size = preset["batch"]
-  c.train.steps = 1000
-  c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1)
   return c
+
+
+def xla_step_flops(config, host_batch: dict, devices=None) -> float:
+  """FLOPs of one train step as XLA counts them: remat recompute, optimizer and elementwise
+  work included.
+
+  XLA's cost analysis counts a loop body once, not once per iteration, so the count is taken
+  from a second compile with the layer scans unrolled (same math). Custom calls (cuDNN or
+  splash attention) count zero. The count is per device; times the device count it is global
+  (exact on one device).
+  """
+  c = config.copy_and_resolve_references()
+  c.model.scan_unroll = max(c.model.llm.n_layers, c.model.vit.depth)
+  setup = state_lib.make_setup(c, shd.make_mesh(c.mesh, devices=devices))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding(v.ndim))
+           for k, v in host_batch.items()}
+  compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, batch).compile()
+  return float(compiled.cost_analysis()["flops"]) * setup.mesh.size
 
 
 def synthetic_batch(config, rng):
@@ -75,12 +113,14 @@ def main():
   parser.add_argument("--scan_unroll", type=int, default=1)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=0)
+  parser.add_argument("--xla_flops", default="auto", choices=["auto", "on", "off"],
+                      help="cross-check the FLOP formula against XLA's count (a second, unrolled compile); "
+                           "auto: on CPU only")
   args = parser.parse_args()
 
-  preset = dict(PRESETS[args.preset])
+  config = make_config(PRESETS[args.preset], args.attention, args.remat)
   if args.batch:
-    preset["batch"] = args.batch
-  config = make_config(preset, args.attention, args.remat)
+    config.train.batch_size = args.batch
   config.model.scan_unroll = args.scan_unroll
   mesh = shd.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
@@ -112,6 +152,8 @@ def main():
   measured_peak = flops_lib.measured_matmul_flops(big, mm_dtype, repeats=3 if on_cpu else 20)
   sheet_peak = 0.0 if on_cpu else flops_lib.peak_flops_per_device()
   tokens = config.train.batch_size * config.data.seq_len
+  xla_flops = xla_step_flops(config, host) if args.xla_flops == "on" or (args.xla_flops == "auto" and on_cpu) else 0
+  peak = measured_peak * (1 if on_cpu else n_dev)
   result = dict(
       preset=args.preset, device=jax.devices()[0].device_kind, devices=n_dev, backend=jax.default_backend(),
       attention=args.attention, remat=config.model.remat, scan_unroll=args.scan_unroll, dtype=config.model.dtype,
@@ -119,8 +161,12 @@ def main():
       step_s=seconds, tokens_per_s=tokens / seconds, compile_s=compile_s,
       model_tflops_per_s=step_flops / seconds / 1e12,
       matmul_peak_tflops=measured_peak / 1e12,
-      mfu_vs_measured_matmul=step_flops / seconds / (measured_peak * (1 if on_cpu else n_dev)),
+      mfu_vs_measured_matmul=step_flops / seconds / peak,
       mfu_vs_datasheet=(step_flops / seconds / (sheet_peak * n_dev)) if sheet_peak else None,
+      # The same with XLA's count (recompute and optimizer included): hardware FLOPs utilisation.
+      formula_tflops=step_flops / 1e12, xla_tflops=(xla_flops / 1e12) or None,
+      formula_over_xla=(step_flops / xla_flops) if xla_flops else None,
+      hfu_vs_measured_matmul=(xla_flops / seconds / peak) if xla_flops else None,
       loss=float(metrics["loss"]),
   )
   print(json.dumps(result))
