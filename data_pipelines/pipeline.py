@@ -15,6 +15,7 @@ own records. The iterator from `iter(make_train_dataset(...))` is checkpointable
 """
 
 import grain
+import numpy as np
 
 from data_pipelines import mixture, packing
 from data_pipelines import tokenizer as tokenizer_lib
@@ -59,3 +60,63 @@ def make_eval_batches(config, tokenizer, num_batches: int, *, process_index: int
   ds = _examples(config, tokenizer, "eval", process_index, process_count)
   it = iter(packing.pack_examples(ds, config).batch(batch_size, drop_remainder=True))
   return [next(it) for _ in range(num_batches)]
+
+
+def padding_rows(config, rows: int) -> dict:
+  """Rows with no tokens, no tiles and no loss: what the packer leaves at the end of a row."""
+  length, tiles = config.data.seq_len, config.data.max_tiles
+  size, k = config.model.vit.image_size, config.model.connector.tokens_per_tile
+  return dict(
+      tokens=np.full((rows, length), tokenizer_lib.PAD_ID, np.int32),
+      targets=np.full((rows, length), tokenizer_lib.PAD_ID, np.int32),
+      loss_mask=np.zeros((rows, length), np.float32),
+      segment_ids=np.zeros((rows, length), np.int32),
+      positions=np.zeros((rows, length), np.int32),
+      images=np.zeros((rows, tiles, size, size, 3), np.uint8),
+      image_token_positions=np.full((rows, tiles * k), -1, np.int32),
+      num_skipped=np.zeros((rows,), np.int32),
+  )
+
+
+class SourceEvalBatches:
+  """The first `num_batches` host-local packed batches of one source's eval split, in order.
+
+  Re-iterable: each pass rebuilds the pipeline from the start, so passes yield identical
+  batches and none stays in host memory between evaluations. The split is read once, never
+  repeated: when it runs out, the remaining rows and batches are padding (loss_mask 0), so no
+  example counts twice and every process runs the same number of eval steps.
+  """
+
+  def __init__(self, config, tokenizer, name: str, num_batches: int, *, process_index: int = 0,
+               process_count: int = 1):
+    _check_shard(process_index, process_count)
+    tokenizer_lib.check_vocab(config, tokenizer)
+    self.name, self.num_batches = name, num_batches
+    self._config, self._tokenizer = config, tokenizer
+    self._batch_size = local_batch_size(config, process_count)
+    self._shard = slice(process_index, None, process_count)
+    # Built now: a missing eval path fails at startup, not at the first evaluation.
+    self._source = mixture.make_source(name, config.data.sources[name], config, "eval")
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self):
+    ds = grain.MapDataset.source(self._source)[self._shard]
+    ds = ds.map(mixture.ToExample(ExampleBuilder.from_config(self._config, self._tokenizer))).to_iter_dataset()
+    it = iter(packing.pack_examples(ds, self._config).batch(self._batch_size, drop_remainder=False))
+    for _ in range(self.num_batches):
+      batch = next(it, None)
+      rows = 0 if batch is None else len(batch["tokens"])
+      if rows < self._batch_size:
+        pad = padding_rows(self._config, self._batch_size - rows)
+        batch = pad if batch is None else {k: np.concatenate([batch[k], pad[k]]) for k in pad}
+      yield batch
+
+
+def make_eval_batches_per_source(config, tokenizer, num_batches: int, *, process_index: int = 0,
+                                 process_count: int = 1) -> dict[str, SourceEvalBatches]:
+  """{source name: its eval split's first num_batches batches} for every source of config.data.sources."""
+  return {name: SourceEvalBatches(config, tokenizer, name, num_batches, process_index=process_index,
+                                  process_count=process_count)
+          for name in config.data.sources}

@@ -5,6 +5,7 @@ Each error names the field, the values, and a fix.
 
 import math
 
+from mm15_jax import hardware_rules
 from mm15_jax import sharding as shd
 
 
@@ -31,6 +32,11 @@ def check_config(config, mesh=None, tokenizer=None) -> None:
     errors.append(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
   if t.nan_policy not in ("stop", "skip"):
     errors.append(f"train.nan_policy={t.nan_policy!r}: use 'stop' or 'skip'")
+  try:
+    shd.dcn_sizes(config.get("mesh_dcn"))
+  except ValueError as e:
+    errors.append(str(e))
+  errors += hardware_rules.rule_errors(config)  # every rule, not only the one this hardware matches
   if mesh is not None:
     spec = shd.logical_to_mesh(("batch",), config.sharding_rules, mesh)
     n = shd.axis_size(spec[0], mesh)
@@ -39,9 +45,33 @@ def check_config(config, mesh=None, tokenizer=None) -> None:
       errors.append(
           f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch do not split over the "
           f"{n} batch shards of mesh {dict(mesh.shape)}; use a multiple of {n}")
-  if tokenizer is not None and tokenizer.vocab_size != llm.vocab_size:
+  # A tokenizer file may have fewer pieces than the embedding has rows (padded tables); the built-in one exactly as many.
+  external = bool(config.data.get("tokenizer", ""))
+  if tokenizer is not None and (tokenizer.vocab_size > llm.vocab_size or
+                                (tokenizer.vocab_size != llm.vocab_size and not external)):
     errors.append(
         f"model.llm.vocab_size={llm.vocab_size} but the tokenizer has {tokenizer.vocab_size} pieces; "
         f"set --config.model.llm.vocab_size={tokenizer.vocab_size}")
+  errors += eval_and_profile_errors(config)
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def eval_and_profile_errors(config) -> list[str]:
+  """config.eval and config.profile: the in-training evaluation, best checkpoint and trace."""
+  from mm15_jax.train import in_training_eval, profiling  # the trainer's own names and rules
+
+  e, errors = config.eval, []
+  for field, low in (("every", 0), ("batches", 1), ("generate_per_task", 0)):
+    value = e[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      errors.append(f"eval.{field}={value!r}: must be an integer >= {low}")
+  if e.best_mode not in ("min", "max"):
+    errors.append(f"eval.best_mode={e.best_mode!r}: use 'min' (lower is better) or 'max'")
+  if e.best_metric:
+    names = in_training_eval.metric_names(config.data.sources)
+    if e.best_metric not in names:
+      errors.append(f"eval.best_metric={e.best_metric!r} is not an eval metric; use one of {names[:4]} or "
+                    f"'<source>/<metric>' for a source of data.sources, e.g. {names[-1]!r}")
+  errors += profiling.check_steps(config.profile, config.train.steps)
+  return errors

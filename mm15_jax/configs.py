@@ -59,6 +59,11 @@ def peak_learning_rate(num_params: float) -> float:
   return math.exp(-0.4214 * math.log(num_params) - 0.5535)
 
 
+def tokens_per_tile(image_size: int, patch_size: int) -> int:
+  """MM1.5's 144 (12 x 12) connector tokens per tile, or the whole patch grid if smaller."""
+  return min(12, image_size // patch_size) ** 2
+
+
 def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_collections.ConfigDict:
   llm = dict(LLM_SIZES[size])
   llm.setdefault("head_dim", llm["d_model"] // llm["n_heads"])
@@ -73,7 +78,7 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
       vit=vit_cfg,
       connector=dict(
           kind="c_abstractor",  # "c_abstractor" | "mlp"
-          tokens_per_tile=144,  # must be a square: pooled to sqrt x sqrt
+          tokens_per_tile=tokens_per_tile(image_size, vit_cfg["patch_size"]),  # a square: pooled to sqrt x sqrt
           depth=3,  # ResNet bottleneck blocks before and after pooling
           hidden_dim=vit_cfg["width"],
       ),
@@ -199,7 +204,8 @@ def base() -> ml_collections.ConfigDict:
   # `mesh_dcn` how many slices each axis spans (only data/fsdp-style axes should cross slices).
   c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   c.mesh_dcn = dict(data=1, fsdp=1, tensor=1, expert=1)
-  # Per-hardware overrides: (regex on the device kind or TPU topology, {dotted field: value}),
+  # Per-hardware overrides: (regex searched in the device kind, e.g. "TPU v5" for v5p, "NVIDIA
+  # H100 80GB HBM3", or in $TPU_ACCELERATOR_TYPE; anchor TPU patterns, {dotted field: value}),
   # first match wins, so one experiment file serves v5p, v6e and H100 clusters.
   c.hardware_rules = ()
   # The TPU topology this experiment is planned for (`python -m mm15_jax.plan` shows it fits).
@@ -250,7 +256,8 @@ def base() -> ml_collections.ConfigDict:
   # best_metric (e.g. "loss"; "" = off) keeps the best in-training eval's checkpoint under
   # WORKDIR/best, lower is better unless best_mode="max".
   c.eval = dict(every=0, batches=4, generate_per_task=0, best_metric="", best_mode="min")
-  # Trace steps [start, end) with jax.profiler into WORKDIR/profile (TensorBoard/XProf);
+  # Trace step indices [start, end) (0-based: the step logged as N is index N-1) with jax.profiler
+  # into WORKDIR/profile (TensorBoard/XProf);
   # () = off. all_processes=False traces process 0 only.
   c.profile = dict(steps=(), all_processes=False)
   c.log_every = 10

@@ -5,12 +5,15 @@ file maps those logical names to mesh axes (`data`, `fsdp`, `tensor`, `expert`).
 No module names a mesh axis.
 """
 
+import collections
 import contextlib
 import math
 import threading
+import warnings
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -19,9 +22,24 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 _context = threading.local()
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
-  """Mesh from `config.mesh` (axis -> size, one -1 fills the rest), checked against the devices."""
-  devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(mesh_config, n_devices: int, dcn=None) -> dict:
+  """Axis sizes of the whole mesh: `config.mesh` within a slice (one -1 fills) times `config.mesh_dcn`.
+
+  Pure arithmetic, so tools can size a mesh for devices they do not have.
+  """
+  dcn = dcn_sizes(dcn)
+  n_slices = math.prod(dcn.values())
+  if n_devices % n_slices:
+    raise ValueError(
+        f"config.mesh_dcn: {n_devices} devices do not split into {n_slices} slices ({dcn}); "
+        f"set config.mesh_dcn to the number of slices")
+  ici = ici_sizes(mesh_config, n_devices // n_slices, multi_slice=n_slices > 1)
+  return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def ici_sizes(mesh_config, n_devices: int, multi_slice: bool = False) -> dict:
+  """`config.mesh` with its -1 axis filled, checked against the devices of one slice."""
+  where = "devices per slice" if multi_slice else "devices are visible"
   sizes = dict(mesh_config)
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
@@ -32,23 +50,127 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     raise ValueError(f"config.mesh: only one axis may be -1, got {fill}")
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
-    if known == 0 or len(devices) % known:
+    if known <= 0 or n_devices % known:
       raise ValueError(
-          f"config.mesh: {len(devices)} devices do not divide by the fixed axes (product {known}); "
-          f"e.g. --config.mesh.{fill[0]}={len(devices)}")
-    sizes[fill[0]] = len(devices) // known
+          f"config.mesh: {n_devices} {where}, which the fixed axes (product {known}) do not divide; "
+          f"e.g. --config.mesh.{fill[0]}={n_devices}")
+    sizes[fill[0]] = n_devices // known
   total = math.prod(sizes.values())
-  if total != len(devices):
+  if total != n_devices:
     product = "*".join(MESH_AXES)
     raise ValueError(
-        f"config.mesh: {product} = {total} ({sizes}), but {len(devices)} devices are visible; "
-        f"e.g. --config.mesh.data={len(devices)} with the other axes 1, or one axis -1")
-  shape = tuple(sizes[a] for a in MESH_AXES)
+        f"config.mesh: {product} = {total} ({sizes}), but {n_devices} {where}; "
+        f"e.g. --config.mesh.data={n_devices} with the other axes 1, or one axis -1")
+  return sizes
+
+
+def dcn_sizes(dcn) -> dict:
+  """`config.mesh_dcn` checked: slices per axis, only over axes whose traffic DCN can carry.
+
+  tensor over DCN is an error: it all-reduces activations in every layer. expert over DCN
+  is allowed with a warning: one all-to-all per MoE layer, as GPU clusters do over InfiniBand.
+  """
+  sizes = dict(dcn or {})
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh_dcn has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}")
+  sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
+  for a, s in sizes.items():
+    if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+      raise ValueError(f"config.mesh_dcn.{a}={s!r}: give the number of slices along {a}, a positive integer")
+  if sizes["tensor"] > 1:
+    raise ValueError(
+        f"config.mesh_dcn.tensor={sizes['tensor']}: tensor parallelism all-reduces activations in every "
+        f"layer and must stay within a slice; span slices with mesh_dcn.data or mesh_dcn.fsdp instead")
+  if sizes["expert"] > 1:
+    warnings.warn(
+        f"config.mesh_dcn.expert={sizes['expert']}: every MoE layer's all-to-all crosses the data-centre "
+        f"network; mesh_dcn.data is cheaper where the experts fit in one slice", stacklevel=2)
+  return sizes
+
+
+class _SimulatedSliceDevice:
+  """A CPU device seen as part of slice `slice_index`: CPUs have no slices, so tests and
+  debug runs fake them and go through the same hybrid-mesh code as TPU multi-slice."""
+
+  def __init__(self, device, slice_index: int):
+    self.device, self.slice_index = device, slice_index
+
+  def __getattr__(self, name):
+    return getattr(self.device, name)
+
+
+def _slice_view(devices: list, n_slices: int) -> tuple[list, bool]:
+  """(devices as the hybrid mesh groups them, whether a process is a slice), per platform.
+
+  TPU and recent GPU jaxlibs give each device a `slice_index` (the ICI or NVLink domain:
+  a TPU slice, a GPU host, an NVL72 rack): used as is. GPU without it: one process is one
+  slice (one host, when a process drives all its GPUs). CPU: the devices in the given order
+  (default: by id) split into `n_slices` equal contiguous groups.
+  """
+  if hasattr(devices[0], "slice_index"):
+    return devices, False
+  if devices[0].platform != "cpu":
+    return devices, True
+  if len(devices) % n_slices:
+    raise ValueError(
+        f"config.mesh_dcn: {len(devices)} CPU devices do not split into {n_slices} simulated slices; "
+        f"use a number of slices that divides {len(devices)}")
+  per = len(devices) // n_slices
+  return [_SimulatedSliceDevice(d, i // per) for i, d in enumerate(devices)], False
+
+
+def _hybrid_device_array(mesh_config, dcn: dict, devices: list) -> np.ndarray:
+  """Devices shaped ici x dcn per axis; the DCN (slice) index is the outer part of each axis."""
+  n_slices = math.prod(dcn.values())
+  view, by_process = _slice_view(devices, n_slices)
+  key = "process_index" if by_process else "slice_index"
+  per_slice = collections.Counter(getattr(d, key) for d in view)
+  if len(per_slice) != n_slices:
+    raise ValueError(
+        f"config.mesh_dcn: {'*'.join(MESH_AXES)} = {n_slices} slices ({dcn}), but the {len(devices)} devices "
+        f"form {len(per_slice)} (by {key}); e.g. --config.mesh_dcn.data={len(per_slice)} with the other axes 1")
+  if len(set(per_slice.values())) > 1:
+    raise ValueError(f"config.mesh_dcn: slices of unequal sizes {dict(per_slice)} (devices per {key})")
+  ici = ici_sizes(mesh_config, len(devices) // n_slices, multi_slice=True)
+  dev_array = mesh_utils.create_hybrid_device_mesh(
+      [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], view, process_is_granule=by_process)
+  unwrap = lambda d: d.device if isinstance(d, _SimulatedSliceDevice) else d
+  return np.vectorize(unwrap, otypes=[object])(dev_array)
+
+
+def mesh_devices(mesh_config, devices=None, *, dcn=None) -> np.ndarray:
+  """The device array of `make_mesh`, one dimension per axis of MESH_AXES (no Mesh built)."""
+  devices = list(jax.devices() if devices is None else devices)
+  dcn = dcn_sizes(dcn)
+  if math.prod(dcn.values()) > 1:
+    return _hybrid_device_array(mesh_config, dcn, devices)
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  if devices[0].platform == "tpu" and len(slices) > 1:
+    raise ValueError(
+        f"config.mesh_dcn: the devices form {len(slices)} TPU slices but config.mesh_dcn is all 1; "
+        f"e.g. --config.mesh_dcn.data={len(slices)}")
+  shape = tuple(ici_sizes(mesh_config, len(devices)).values())
   try:
-    dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    return mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # CPU or unusual topologies: keep device order
-    dev_array = np.asarray(devices).reshape(shape)
+    return np.asarray(devices).reshape(shape)
+
+
+def make_mesh(mesh_config, devices=None, *, dcn=None) -> Mesh:
+  """Mesh from `config.mesh` (axis -> size within a slice, one -1 fills the rest) and
+  `config.mesh_dcn` (slices per axis; None or all ones: one slice), checked against the devices.
+
+  Each axis has size mesh x mesh_dcn; its outer part steps across slices, so the devices of
+  one slice are contiguous along it and only the axes with mesh_dcn > 1 talk over DCN.
+  """
+  dev_array = mesh_devices(mesh_config, devices, dcn=dcn)
   return Mesh(dev_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_for_config(config, devices=None) -> Mesh:
+  """The mesh of `config.mesh` and `config.mesh_dcn` over `devices` (default: all)."""
+  return make_mesh(config.mesh, devices, dcn=config.get("mesh_dcn"))
 
 
 def logical_to_mesh(logical: tuple, rules, mesh: Mesh | None = None) -> P:

@@ -14,13 +14,6 @@ from ml_collections import config_flags
 COMPONENTS = ("vit", "connector", "llm")
 
 
-def mesh_shape(mesh_config, devices: int) -> dict:
-  from mm15_jax.sharding import MESH_AXES
-  sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES}
-  known = math.prod(s for s in sizes.values() if s != -1)
-  return {a: (devices // known if s == -1 else s) for a, s in sizes.items()}
-
-
 def summarize(config, devices: int) -> dict:
   """Param counts and per-chip bytes of params (param_dtype) and AdamW moments (float32)."""
   import jax
@@ -35,7 +28,7 @@ def summarize(config, devices: int) -> dict:
   _, params, _ = nnx.split(abstract, nnx.Param, ...)
   logical = state_lib.logical_axes(params)
   shapes = nnx.to_pure_dict(params)
-  mesh = types.SimpleNamespace(shape=mesh_shape(config.mesh, devices))
+  mesh = types.SimpleNamespace(shape=shd.mesh_sizes(config.mesh, devices, dcn=config.get("mesh_dcn")))
   param_bytes = np.dtype(config.model.param_dtype).itemsize
   out = {"mesh": mesh.shape}
   per_chip = 0.0

@@ -1,5 +1,6 @@
 """Save, stop, resume: the next steps match an unbroken run, on the same or another mesh."""
 
+import glob
 import json
 import os
 import shutil
@@ -107,7 +108,7 @@ def test_cli_writes_metrics_events_and_checkpoints(tmp_path):
       [sys.executable, "-m", "mm15_jax.train", "--config=experiments/tiny.py", f"--workdir={tmp_path}",
        "--config.train.steps=2", "--config.log_every=1", "--config.checkpoint.every=2",
        "--config.train.batch_size=4", "--config.eval.batches=1", "--config.mesh.data=2", "--no_progress",
-       "--config.eval.generate_per_task=2"],
+       "--config.eval.generate_per_task=2", "--config.profile.steps=(1, 2)"],
       cwd=root, env=env, check=True, capture_output=True, text=True, timeout=600)
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
@@ -123,3 +124,6 @@ def test_cli_writes_metrics_events_and_checkpoints(tmp_path):
   assert (tmp_path / "eval_tasks" / "REPORT.md").exists() and (tmp_path / "eval_tasks" / "grounding.png").exists()
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
   assert (tmp_path / "checkpoints" / "2" / "params").exists()
+  # config.profile.steps traced step index 1 (in a fresh process: a process that has built TPU
+  # topologies with libtpu, as the planner tests do, crashes in jax.profiler.start_trace).
+  assert glob.glob(str(tmp_path / "profile" / "**" / "*.xplane.pb"), recursive=True)

@@ -217,6 +217,17 @@ def test_tokenizer_gets_an_image_piece_and_the_model_generates(tmp_path):
   np.testing.assert_array_equal(np.asarray(params["vit"]["pos_embedding"]),
                                 np.asarray(state["params"]["vit"]["pos_embedding"]))
 
+  # The trainer does the same through config.init.llm_from, and trains on the built-in data
+  # with the imported tokenizer.
+  from mm15_jax.train.loop import train_and_evaluate
+  config.train.steps, config.train.lr, config.log_every = 2, 1e-4, 1
+  config.checkpoint.every, config.eval.batches = 0, 1
+  config.data.num_examples, config.data.eval_examples, config.data.seq_len = 64, 8, 128
+  result = train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert np.isfinite(result["loss"])
+  first = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+  assert np.isfinite(first["loss"]) and first["loss"] < 20  # not a random init's blow-up on 385 ids
+
 
 def test_load_params_refuses_a_partial_checkpoint_without_init(tmp_path):
   save_decoder(tmp_path / "hf")

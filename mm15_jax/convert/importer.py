@@ -41,8 +41,7 @@ def experiment_config(kind: str, part_config: dict, *, tokenizer: str = "none"):
   else:
     c.model.vit.update(part_config)
     c.model.connector.hidden_dim = part_config["width"]
-    grid = part_config["image_size"] // part_config["patch_size"]
-    c.model.connector.tokens_per_tile = min(12, grid) ** 2  # 144 at 336+ px, as MM1.5
+    c.model.connector.tokens_per_tile = configs.tokens_per_tile(part_config["image_size"], part_config["patch_size"])
     c.data.max_tiles = 4
   return c
 
@@ -144,9 +143,9 @@ def write_experiment(out_dir: str, kind: str, part: dict, source: str, tokenizer
     extra = f"  c.data.tokenizer = {tok}\n"
     title = "Decoder LLM"
   else:
-    grid = part["image_size"] // part["patch_size"]
     extra = (f"  c.model.connector.hidden_dim = {part['width']}\n"
-             f"  c.model.connector.tokens_per_tile = {min(12, grid) ** 2}\n  c.data.max_tiles = 4\n")
+             f"  c.model.connector.tokens_per_tile = {configs.tokens_per_tile(part['image_size'], part['patch_size'])}\n"
+             "  c.data.max_tiles = 4\n")
     title = "Image encoder"
   path = os.path.join(out_dir, "config.py")
   text = CONFIG_TEMPLATE.format(title=title, source=os.path.abspath(source), path=path, out=out_dir, kind=kind,

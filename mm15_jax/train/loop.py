@@ -1,58 +1,32 @@
-"""The training loop: mesh, data, state (fresh, resumed or from a previous stage), steps, eval."""
+"""The training loop: mesh, data, state (fresh, resumed or from a previous stage), steps, eval.
+
+Around the steps: held-out evaluation per data source every `eval.every` steps and at the end
+(in_training_eval.py), the best checkpoint by `eval.best_metric` (best_checkpoint.py), a
+profiler trace of `profile.steps` (profiling.py) and the data-wait share of the step time
+(step_timing.py).
+"""
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 
 import data_pipelines
+from data_pipelines import pipeline as pipeline_lib
 from mm15_jax import batch as batch_lib
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import sharding as shd
 from mm15_jax.config_checks import check_config
 from mm15_jax.train import flops as flops_lib
+from mm15_jax.train import in_training_eval
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
+from mm15_jax.train.best_checkpoint import BestCheckpoint
 from mm15_jax.train.metrics import MetricsWriter
 from mm15_jax.train.preemption import PreemptionWatch
 from mm15_jax.train.prefetch import DevicePrefetcher, global_batch_putter
-
-
-def evaluate(eval_fn, params, eval_batches, put) -> dict:
-  """Loss, token accuracy and exact match of whole answers over the eval batches."""
-  totals = None
-  for host_batch in eval_batches:
-    host_batch = {k: v for k, v in host_batch.items() if k != "num_skipped"}
-    out = jax.device_get(eval_fn(params, put(host_batch)))
-    totals = out if totals is None else {k: totals[k] + out[k] for k in out}
-  count = max(float(totals["count"]), 1.0)
-  return dict(
-      loss=float(totals["loss_sum"]) / count,
-      token_accuracy=float(totals["correct"]) / count,
-      exact_match=float(totals["exact"]) / max(float(totals["examples"]), 1.0),
-      examples=int(totals["examples"]),
-  )
-
-
-def _all_builtin(config) -> bool:
-  return all(spec.get("kind", "builtin") == "builtin" for spec in config.data.sources.values())
-
-
-def answer_held_out_questions(config, params, tokenizer, workdir: str) -> dict:
-  """Generates answers to held-out built-in questions: accuracy per task, REPORT.md, grounding.png."""
-  from mm15_jax.evaluation.builtin_eval import evaluate_builtin  # inference is only needed here
-  from mm15_jax.inference import Model
-
-  out_dir = os.path.join(workdir, "eval_tasks")
-  model = Model.from_params(config, params, tokenizer)
-  accuracy = evaluate_builtin(model, config, num_per_task=config.eval.generate_per_task,
-                              out_dir=out_dir if jax.process_index() == 0 else None)
-  if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "REPORT.md")) as f:
-      print(f.read())
-    print(f"grounding example: {os.path.join(out_dir, 'grounding.png')}")
-  return accuracy
+from mm15_jax.train.profiling import StepProfiler
+from mm15_jax.train.step_timing import StepTimer
 
 
 def _nan_injection_step() -> int:
@@ -68,8 +42,8 @@ def _poison(batch: dict) -> dict:
 def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   """Trains `config.train.steps` steps (resuming if WORKDIR has checkpoints); returns the final eval."""
   config = config.copy_and_resolve_references()
-  mesh = shd.make_mesh(config.mesh)
-  tokenizer = data_pipelines.load_tokenizer(config.model.llm.vocab_size)
+  mesh = shd.mesh_for_config(config)
+  tokenizer = data_pipelines.tokenizer_for_config(config)
   check_config(config, mesh, tokenizer)
   setup = state_lib.make_setup(config, mesh)
 
@@ -83,6 +57,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
       ckpt_lib.workdir_checkpoints(workdir), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   writer = None
   preemption = PreemptionWatch()
+  profiler = StepProfiler(config.profile, workdir)
   try:
     if checkpointer.latest_step() is not None:
       state = checkpointer.restore(setup.abstract_state, batches)
@@ -93,6 +68,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
       if config.init.from_checkpoint:
         state["params"] = ckpt_lib.load_params(config.init.from_checkpoint, setup.abstract_state["params"])
         origin = f"params from {config.init.from_checkpoint}"
+      parts = {part: path for part, path in (("llm", config.init.llm_from), ("vit", config.init.vit_from)) if path}
+      if parts:  # e.g. public weights brought in by `python -m mm15_jax.convert import`
+        state["params"] = ckpt_lib.load_param_parts(state["params"], setup.abstract_state["params"], parts)
+        origin += ", " + ", ".join(f"{part} from {path}" for part, path in parts.items())
     start = int(jax.device_get(state["step"]))
 
     moe = config.model.moe
@@ -107,8 +86,31 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         f"{counts['connector'] / 1e6:.2f}M, llm {counts['llm'] / 1e6:.2f}M), mesh {dict(mesh.shape)}, {origin}")
 
     train_fn = step_lib.jit_train_step(setup)
-    eval_fn = step_lib.jit_eval_step(setup)
-    eval_batches = data_pipelines.make_eval_batches(config, tokenizer, config.eval.batches)
+    held_out = in_training_eval.HeldOutEval(
+        step_lib.jit_eval_step(setup), put,
+        pipeline_lib.make_eval_batches_per_source(
+            config, tokenizer, config.eval.batches, process_index=p_idx, process_count=n_proc))
+    generation = None
+    if config.eval.generate_per_task and in_training_eval.all_builtin(config):
+      generation = in_training_eval.TaskGeneration(config, tokenizer, workdir)
+    best = None
+    if config.eval.best_metric:
+      best = BestCheckpoint(workdir, config.eval.best_metric, config.eval.best_mode)
+      if best.note:
+        writer.message(best.note)
+
+    def evaluate(state, final: bool) -> dict:
+      """The held-out metrics of state's params, logged; the best checkpoint follows them."""
+      step = int(jax.device_get(state["step"]))
+      result = held_out(state["params"])
+      writer.write(step, result, kind="eval")
+      writer.message(f"step {step} " + in_training_eval.describe(result, held_out.batches_per_source))
+      if generation is not None:
+        result["tasks"] = generation(state["params"], report=final)
+        writer.write(step, result["tasks"], kind="eval_tasks")
+      if best is not None and best.update(step, result, state["params"]):
+        writer.message(f"best checkpoint: step {step}, {best.metric} {best.record['value']:.4f} -> {best.directory}")
+      return result
 
     # Non-finite steps are counted on device (no per-step host sync) and read back at log
     # and save boundaries: "skip" reports them, "stop" raises before anything is saved.
@@ -128,30 +130,34 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         seen_nonfinite = total
       return total
 
-    window_start, window_steps = time.perf_counter(), 0
+    timer = StepTimer()
     first_timed = True
     for step in range(start, config.train.steps):
-      batch = next(batches)
-      if step + 1 == inject_at:
-        batch = _poison(batch)
-      state, metrics = train_fn(state, batch)
+      with profiler.step(step):
+        with timer.waiting_for_data():
+          batch = next(batches)
+        if step + 1 == inject_at:
+          batch = _poison(batch)
+        state, metrics = train_fn(state, batch)
+      if profiler.ends_at(step):
+        jax.block_until_ready((state, metrics))  # the trace holds the traced steps' device work
+        with timer.paused():  # writing the trace is no step's time
+          profiler.stop()
       bad = (~metrics.pop("finite")).astype(jnp.int32)
       nonfinite = bad if nonfinite is None else nonfinite + bad
-      window_steps += 1
       done = step + 1
       last = done == config.train.steps
       if done % config.log_every == 0 or last:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - window_start
-        seconds = elapsed / window_steps
+        metrics = jax.device_get(metrics)  # waits for the window's steps: its wall time holds their compute
+        timing = timer.end_window()
+        seconds = timing["step_seconds"]
         metrics.update(
-            tokens_per_s=tokens_per_step / seconds, step_seconds=seconds, skipped_records=batches.skipped_records,
+            timing, tokens_per_s=tokens_per_step / seconds, skipped_records=batches.skipped_records,
             skipped_steps=check_finite(done), mfu=flops_lib.mfu(step_flops, seconds, peak, jax.device_count()))
         if first_timed:
           metrics["includes_compile"] = 1  # the first window holds the compile
           first_timed = False
         writer.write(done, metrics)
-        window_start, window_steps = time.perf_counter(), 0
       writer.advance()
       if not last and preemption.should_stop(done):  # every process answers the same at each step
         check_finite(done)
@@ -162,19 +168,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         check_finite(done)
         checkpointer.save(state, batches, force=last)
       if config.eval.every and done % config.eval.every == 0 and not last:
-        writer.write(done, evaluate(eval_fn, state["params"], eval_batches, put), kind="eval")
+        jax.block_until_ready(state)  # the steps so far stay in the timed window, the eval does not
+        with timer.paused():
+          evaluate(state, final=False)
 
-    result = evaluate(eval_fn, state["params"], eval_batches, put)
-    writer.write(int(jax.device_get(state["step"])), result, kind="eval")
-    writer.message(
-        f"eval: loss {result['loss']:.4f}, token accuracy {result['token_accuracy']:.3f}, "
-        f"exact match {result['exact_match']:.3f} on {result['examples']} examples")
-    if config.eval.generate_per_task and _all_builtin(config):
-      tasks = answer_held_out_questions(config, state["params"], tokenizer, workdir)
-      writer.write(int(jax.device_get(state["step"])), tasks, kind="eval_tasks")
-      result["tasks"] = tasks
-    return result
+    return evaluate(state, final=True)
   finally:
+    profiler.stop()  # a run that ends inside the traced range still writes its trace
     preemption.close()
     checkpointer.close()
     if writer is not None:

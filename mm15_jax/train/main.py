@@ -30,9 +30,15 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mm15_jax/jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
+  from mm15_jax.hardware_rules import apply_hardware_rules
   from mm15_jax.train.loop import train_and_evaluate
 
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+  # Before the mesh exists: a rule may change it. Fields set on the command line win over rules.
+  config = apply_hardware_rules(
+      _CONFIG.value, jax.devices()[0].device_kind, os.environ.get("TPU_ACCELERATOR_TYPE", ""),
+      keep=set(config_flags.get_override_values(flags.FLAGS["config"])),
+      report=print if jax.process_index() == 0 else None)
+  train_and_evaluate(config, _WORKDIR.value, progress=not _NO_PROGRESS.value)
 
 
 def run():

@@ -1,4 +1,8 @@
-"""Per-step metrics to the console (progress bar), WORKDIR/metrics.jsonl and TensorBoard."""
+"""Per-step metrics to the console (progress bar), WORKDIR/metrics.jsonl and TensorBoard.
+
+Rows of kind "train" (no "kind" key) and others ("eval", "eval_tasks") share the file;
+TensorBoard tags are "<kind>/<name>", e.g. "train/data_wait_fraction", "eval/qa/loss".
+"""
 
 import json
 import os
@@ -38,7 +42,9 @@ class MetricsWriter:
     if self._bar is not None and kind == "train":
       self._bar.set_postfix(
           loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
-          mfu=f"{100 * record.get('mfu', 0):.1f}%", refresh=False)
+          mfu=f"{100 * record.get('mfu', 0):.1f}%",
+          data_wait=f"{100 * record.get('data_wait_fraction', 0):.0f}%",  # near 100%: input-bound
+          refresh=False)
 
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:
