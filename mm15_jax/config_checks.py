@@ -45,7 +45,8 @@ def check_config(config, mesh=None, tokenizer=None) -> None:
       errors.append(
           f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch do not split over the "
           f"{n} batch shards of mesh {dict(mesh.shape)}; use a multiple of {n}")
-  # A tokenizer file may have fewer pieces than the embedding has rows (padded tables); the built-in one exactly as many.
+  # A tokenizer file may have fewer pieces than the embedding has rows (padded tables);
+  # the built-in one exactly as many.
   external = bool(config.data.get("tokenizer", ""))
   if tokenizer is not None and (tokenizer.vocab_size > llm.vocab_size or
                                 (tokenizer.vocab_size != llm.vocab_size and not external)):

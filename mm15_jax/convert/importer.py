@@ -143,9 +143,9 @@ def write_experiment(out_dir: str, kind: str, part: dict, source: str, tokenizer
     extra = f"  c.data.tokenizer = {tok}\n"
     title = "Decoder LLM"
   else:
+    tokens = configs.tokens_per_tile(part["image_size"], part["patch_size"])
     extra = (f"  c.model.connector.hidden_dim = {part['width']}\n"
-             f"  c.model.connector.tokens_per_tile = {configs.tokens_per_tile(part['image_size'], part['patch_size'])}\n"
-             "  c.data.max_tiles = 4\n")
+             f"  c.model.connector.tokens_per_tile = {tokens}\n  c.data.max_tiles = 4\n")
     title = "Image encoder"
   path = os.path.join(out_dir, "config.py")
   text = CONFIG_TEMPLATE.format(title=title, source=os.path.abspath(source), path=path, out=out_dir, kind=kind,
