@@ -3,10 +3,15 @@
   python -m mm15_jax.train --config=experiments/mm15_1b.py:pretrain --workdir=DIR
   python -m mm15_jax.train --config=experiments/mm15_1b.py:cpt --workdir=DIR2 --config.init.from_checkpoint=DIR
   python -m mm15_jax.train --config=experiments/mm15_1b.py:sft --workdir=DIR3 --config.init.from_checkpoint=DIR2
+  python -m mm15_jax.plan --config=experiments/mm15_1b.py   # memory and step time on c.topology
 """
 
 from mm15_jax import configs
 
 
 def get_config(arg="pretrain"):
-  return configs.mm15(size="1b", stage=arg or "pretrain")
+  c = configs.mm15(size="1b", stage=arg or "pretrain")
+  # Planned for pretraining (batch 512, benchmarks/RESULTS.md "Pod plans"): FSDP over 64 v5p
+  # chips, 8 sequences each, 43 of 95 GiB per chip.
+  c.topology = "v5p:4x4x4"
+  return c

@@ -1,10 +1,15 @@
 """MM1.5-1B-MoE: 64 experts, top-2, MoE in every other decoder layer; stages as the dense 1B.
 
   python -m mm15_jax.train --config=experiments/mm15_1b_moe.py:pretrain --workdir=DIR
+  python -m mm15_jax.plan --config=experiments/mm15_1b_moe.py   # memory and step time on c.topology
 """
 
 from mm15_jax import configs
 
 
 def get_config(arg="pretrain"):
-  return configs.mm15_moe(size="1b", stage=arg or "pretrain")
+  c = configs.mm15_moe(size="1b", stage=arg or "pretrain")
+  # Planned for pretraining (batch 512, benchmarks/RESULTS.md "Pod plans"): 64 v5p chips as
+  # fsdp 8 x expert 8 (the default mesh), 8 sequences each, 78 of 95 GiB per chip.
+  c.topology = "v5p:4x4x4"
+  return c

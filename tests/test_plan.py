@@ -1,0 +1,246 @@
+"""The ahead-of-time pod planner (mm15_jax/plan.py) on the tiny model.
+
+TPU chips come from libtpu's compile-only topology devices: they need no TPU backend, so they
+work in this process although conftest sets JAX_PLATFORMS=cpu.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+
+from mm15_jax import configs
+from mm15_jax import plan as plan_lib
+from mm15_jax import sharding as shd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "experiments", "tiny.py")
+GiB = 2**30
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the test extra)")
+
+# On the tiny model XLA's count of the whole step exceeds the 6N + attention formula by what the
+# formula leaves out (norms, softmax, AdamW, the loss): a few percent.
+FLOPS_TOLERANCE = 0.10
+
+
+def tiny(batch_size=8, vit_depth=2):
+  c = configs.load_experiment(TINY)
+  c.train.batch_size = batch_size  # a multiple of the 4 data shards of a 4-chip slice
+  c.model.vit.depth = vit_depth
+  return c
+
+
+def parse(argv):
+  """The CLI's flags, parsed into a fresh FlagValues (overrides are read from `argv`)."""
+  fv = flags.FlagValues()
+  plan_lib.define_flags(fv, argv)
+  fv(argv)
+  return fv
+
+
+@pytest.fixture(scope="module")
+def v5p_report():
+  # Stacks of different depths (2 decoder, 3 encoder layers), so the probe's split between them counts.
+  chip = plan_lib.tpu_chip("v5p:2x2x1")
+  return plan_lib.plan(tiny(vit_depth=3), plan_lib.tpu_devices("v5p:2x2x1"), chip, "v5p:2x2x1", name="tiny")
+
+
+@needs_libtpu
+def test_tiny_fits_a_v5p_slice_with_its_state_counted(v5p_report):
+  r = v5p_report
+  assert r["device_kind"] == "TPU v5" and r["chips"] == 4 and r["mesh"]["data"] == 4
+  assert r["hbm_bytes_per_chip"] == 95 * GiB
+  assert r["fits"] is True and 0 < r["bytes_per_chip"] <= r["hbm_bytes_per_chip"]
+  # data=4, fsdp=1: every chip holds all float32 params and both Adam moments (12 bytes each),
+  # and its quarter of the batch (hand count from batch.py's schema).
+  b, l, t, s, k = 2, 256, 16, 32, 4
+  batch = b * l * 4 * 5 + b * t * s * s * 3 + b * t * k * 4
+  assert r["argument_bytes"] >= 12 * r["params"] + batch
+  assert r["alias_bytes"] >= 12 * r["params"]  # the donated state is written in place
+  assert r["bytes_per_chip"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+                                 + r["code_bytes"])
+
+
+@needs_libtpu
+def test_flops_are_per_chip_and_count_every_layer(v5p_report):
+  r = v5p_report
+  # Hand count of the formula: decoder 164,160 params less the 512 x 64 input embedding, 2 layers of
+  # 4 heads of 16, 256 tokens; 8 rows of 16 tiles of 4x4 patches; encoder 6,784 + 3 layers of 8,544
+  # params, width 32; connector 12,944.
+  vit = 6784 + 3 * 8544
+  per_token = 6 * (164160 - 512 * 64) + 12 * 2 * 4 * 16 * 256
+  per_tile = 6 * vit * 16 + 12 * 3 * 32 * 16**2 + 6 * 12944 * 16
+  model = 8 * 256 * per_token + 8 * 16 * per_tile
+  assert r["params"] == 164160 + vit + 12944 and r["model_flops_per_step"] == model
+  # Per chip x 4 chips matches the global formula; read as global it would be 4x off.
+  assert r["flops_per_step"] == pytest.approx(model, rel=FLOPS_TOLERANCE)
+  # XLA's own count of the step compiled with both layer stacks unrolled (no loop), a reference
+  # independent of the probe arithmetic. The probe's stacks hold 4 layers, so what grows with
+  # the stacked params outside the layers (AdamW) is counted as layer work: about 1% here.
+  c = tiny(vit_depth=3)
+  c.model.scan_unroll = 3
+  mesh = shd.make_mesh(c.mesh, plan_lib.tpu_devices("v5p:2x2x1"))
+  unrolled = plan_lib.compile_step(c, mesh)[1].cost_analysis()
+  unrolled = unrolled[0] if isinstance(unrolled, list) else unrolled
+  assert r["flops_per_step"] == pytest.approx(4 * unrolled["flops"], rel=0.03)
+  # The step compiled with scans, as XLA reports it, counts one layer of each stack only.
+  assert r["xla_as_reported"]["flops_per_chip"] < 0.8 * unrolled["flops"]
+  assert r["step_time_source"] == "xla_cost_model" and r["estimated_step_s"] > 0
+  assert r["estimated_mfu"] == pytest.approx(model / (r["estimated_step_s"] * 4 * 459e12))
+
+
+@needs_libtpu
+def test_cli_json_and_a_case_that_does_not_fit(capsys):
+  argv = ["plan", f"--config={TINY}", "--config.train.batch_size=4", "--topology=v5e:2x2",
+          "--device_memory_gib=0.01", "--noprobe", "--json"]
+  reports = plan_lib.execute(parse(argv))
+  printed = json.loads(capsys.readouterr().out.strip())
+  assert printed == json.loads(json.dumps(reports[0]))
+  for key in ("config", "topology", "fits", "bytes_per_chip", "hbm_bytes_per_chip", "flops_per_step",
+              "estimated_step_s", "estimated_mfu", "model_flops_per_step", "mesh", "device_kind"):
+    assert key in printed, key
+  assert printed["device_kind"] == "TPU v5 lite" and printed["batch_size"] == 4
+  assert printed["hbm_bytes_per_chip"] == pytest.approx(0.01 * GiB)
+  assert printed["bytes_per_chip"] > 0.01 * GiB and printed["fits"] is False
+  # Without the probe XLA's count covers one layer per stack: no FLOPs, and the report says why.
+  assert printed["flops_per_step"] is None and any("once" in n for n in printed["notes"])
+
+
+@needs_libtpu
+def test_a_step_xla_refuses_for_memory_is_reported_as_not_fitting():
+  # float32 logits of a 2^20-token vocabulary, 4096 tokens per chip: 16 GiB of temporaries alone.
+  c = tiny(batch_size=64)
+  c.model.llm.vocab_size = 2**20
+  r = plan_lib.plan(c, plan_lib.tpu_devices("v5e:2x2"), plan_lib.tpu_chip("v5e:2x2"), "v5e:2x2", probe=False)
+  assert r["fits"] is False and r["flops_per_step"] is None
+  assert 4096 * 2**20 * 4 <= r["bytes_per_chip"] and "RESOURCE_EXHAUSTED" in r["notes"][-1]
+  assert "DOES NOT FIT" in plan_lib.format_report(r)
+
+
+@needs_libtpu
+def test_sweep_keeps_going_past_a_case_that_does_not_split(capsys):
+  # 4 sequences do not split over the 8 data shards of either slice: error rows, before any compile.
+  argv = ["plan", "--sweep", f"--config={TINY}", "--config.train.batch_size=4", "--topologies=v5p:2x2x2,v4:2x2x2",
+          "--remat=none,full"]
+  reports = plan_lib.execute(parse(argv))
+  assert [(r["topology"], r["remat"]) for r in reports] == [
+      ("v5p:2x2x2", "none"), ("v5p:2x2x2", "full"), ("v4:2x2x2", "none"), ("v4:2x2x2", "full")]
+  assert all("train.batch_size" in r["error"] and "use a multiple of 8" in r["error"] for r in reports)
+  out = capsys.readouterr().out
+  assert f"{TINY} remat=full: none of those planned" in out
+
+
+def test_accelerator_types_count_cores_or_chips():
+  # Cloud TPU names: v4 and v5p slices by TensorCores (2 per chip), v5e and v6e by chips.
+  assert plan_lib.accelerator_type("v5p:4x4x4", 64) == "v5p-128"
+  assert plan_lib.accelerator_type("v4:2x2x1", 4) == "v4-8"
+  assert plan_lib.accelerator_type("v5e:16x16", 256) == "v5litepod-256"
+  assert plan_lib.accelerator_type("v6e:2x2", 4) == "v6e-4"
+
+
+@needs_libtpu
+def test_hardware_rules_apply_as_in_the_trainer():
+  c = tiny(batch_size=8)
+  c.hardware_rules = ((r"^TPU v5$", {"train.batch_size": 16}), (r"^v5litepod-4$", {"train.batch_size": 4}))
+  devices, chip = plan_lib.tpu_devices("v5e:2x2"), plan_lib.tpu_chip("v5e:2x2")
+  r = plan_lib.plan(c, devices, chip, "v5e:2x2", probe=False)
+  assert r["batch_size"] == 4 and any("hardware rule 1" in n for n in r["notes"])
+  assert c.train.batch_size == 8  # the caller's config is not changed
+
+
+def test_smallest_fitting_topology():
+  rows = [dict(config="a", remat="full", topology="v5p:2x2x2", chips=8, fits=True),
+          dict(config="a", remat="full", topology="v5p:2x2x1", chips=4, fits=False),
+          dict(config="a", remat="full", topology="v5p:2x2x4", chips=16, fits=True),
+          dict(config="a", remat="dots", topology="v5p:2x2x4", chips=16, fits=False),
+          dict(config="a", remat="dots", topology="v5p:4x4x4", fits=False, error="mesh")]
+  assert plan_lib.smallest_fitting(rows) == {("a", "full"): "v5p:2x2x2", ("a", "dots"): None}
+
+
+def test_sweep_sizes_are_sibling_experiments_with_the_same_overrides():
+  argv = ["plan", "--sweep", f"--config={ROOT}/experiments/mm15_1b.py:sft", "--config.train.batch_size=64",
+          "--sizes=3b,1b_moe", "--topologies=v5p:2x2x1"]
+  loaded = plan_lib._sweep_configs(parse(argv))
+  experiments = os.path.join(ROOT, "experiments")
+  assert [spec for spec, _ in loaded] == [f"{experiments}/mm15_3b.py:sft", f"{experiments}/mm15_1b_moe.py:sft"]
+  assert [c.train.batch_size for _, c in loaded] == [64, 64]
+  assert [c.stage for _, c in loaded] == ["sft", "sft"]
+  assert loaded[0][1].model.llm.d_model == 3072 and loaded[1][1].model.moe.num_experts == 64
+
+
+@pytest.mark.parametrize("topology", ["v9:2x2", "v5p", "v5p:4x4x8x2", "h100:8"])
+def test_unknown_topology_is_a_clear_error(topology):
+  with pytest.raises(ValueError, match=r"--topology=.*GENERATION.*v5p:4x4x8"):
+    plan_lib.tpu_chip(topology)
+
+
+@needs_libtpu
+def test_topology_libtpu_cannot_build_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"--topology='v5p:3x3x3': libtpu could not build it .*whole hosts"):
+    plan_lib.tpu_devices("v5p:3x3x3")
+
+
+@needs_libtpu
+def test_config_that_does_not_fit_the_chips_fails_before_compiling():
+  devices = plan_lib.tpu_devices("v5p:2x2x1")
+  chip = plan_lib.tpu_chip("v5p:2x2x1")
+  with pytest.raises(ValueError, match=r"train.batch_size / train.grad_accum = 6 .* 4 batch shards"):
+    plan_lib.plan(tiny(batch_size=6), devices, chip, "v5p:2x2x1")
+  c = tiny()
+  c.mesh = dict(data=-1, fsdp=1, tensor=3, expert=1)
+  with pytest.raises(ValueError, match=r"v5p:2x2x1 \(4 chips\): config.mesh"):
+    plan_lib.plan(c, devices, chip, "v5p:2x2x1")
+
+
+def test_gpu_plan_on_simulated_devices():
+  assert len(jax.devices()) == 8  # conftest
+  chip = plan_lib.Chip("GPU (simulated)", 80 * GiB, 989e12, simulated=True)
+  r = plan_lib.plan(tiny(), plan_lib.simulated_devices(8), chip, "8 GPUs", name="tiny")
+  assert r["chips"] == 8 and r["mesh"]["data"] == 8 and r["fits"] is True
+  assert 12 * r["params"] <= r["bytes_per_chip"] <= 80 * GiB
+  assert any("approximation" in n for n in r["notes"])
+  # No cost model on CPU: step time is compiled FLOPs per chip at the peak.
+  assert r["step_time_source"] == "flops/peak"
+  assert r["estimated_step_s"] == pytest.approx(r["flops_per_step"] / 8 / 989e12)
+  assert r["flops_per_step"] == pytest.approx(r["model_flops_per_step"], rel=FLOPS_TOLERANCE)
+  with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16"):
+    plan_lib.simulated_devices(16)
+
+
+def test_gpu_cli_reruns_itself_with_enough_devices():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run(
+      [sys.executable, "-m", "mm15_jax.plan", f"--config={TINY}", "--config.train.batch_size=4", "--devices=2",
+       "--device_memory_gib=80", "--device_peak_tflops=989", "--noprobe", "--json"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["chips"] == 2 and report["mesh"]["data"] == 2 and report["fits"] is True
+  assert np.isclose(report["hbm_bytes_per_chip"], 80 * GiB)
+
+
+@needs_libtpu
+def test_two_slice_plan_crosses_slices_only_on_the_data_axis(capsys):
+  """A multi-slice TPU topology: 2 slices of v5p:2x2x1 with config.mesh_dcn.data=2 (data parallel
+  across slices over DCN, fsdp within each slice)."""
+  f = parse([
+      "plan", f"--config={TINY}", "--topology=v5p:2x2x1", "--json", "--noprobe", "--config.train.batch_size=8",
+      "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh_dcn.data=2"])
+  (r,) = plan_lib.execute(f)
+  assert r["chips"] == 8 and r["topology"] == "2x v5p:2x2x1"
+  assert r["mesh"]["data"] == 2 and r["mesh"]["fsdp"] == 4 and r["fits"] is True
+  devices = plan_lib.tpu_devices("v5p:2x2x1", 2)
+  assert sorted({d.slice_index for d in devices}) == [0, 1]
+  config = tiny()
+  config.mesh, config.mesh_dcn = dict(data=1, fsdp=4, tensor=1, expert=1), dict(data=2, fsdp=1, tensor=1, expert=1)
+  mesh = shd.mesh_for_config(config, devices)
+  # Each data row of the mesh is one slice: fsdp (the frequent all-gathers) stays on ICI.
+  for row in range(2):
+    assert {d.slice_index for d in np.asarray(mesh.devices)[row].ravel()} == {row}
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fits"] is True
