@@ -39,6 +39,7 @@ setuptools.setup(
         "console_scripts": [
             "mm15-train=mm15_jax.train.main:run",
             "mm15-summary=mm15_jax.summary:run",
+            "mm15-plan=mm15_jax.plan:run",
         ],
     },
 )

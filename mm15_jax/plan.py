@@ -245,7 +245,9 @@ def plan(config, devices, chip: Chip, label: str, probe: bool = True, name: str 
 
   chips = len(devices)
   notes = []
-  slice_type = accelerator_type(label, chips) if TOPOLOGY_RE.match(label) else ""
+  # Rules see one slice's type, as each host of a multi-slice job does ("2x v5p:2x2x1" -> "v5p-8").
+  slices, _, topology = label.rpartition("x ")
+  slice_type = accelerator_type(topology, chips // int(slices or 1)) if TOPOLOGY_RE.match(topology) else ""
   config = apply_hardware_rules(config, chip.kind, slice_type, keep=set(keep), report=notes.append)
   try:  # a mesh or a batch that does not fit these chips: before any compile
     mesh = shd.mesh_for_config(config, devices)  # config.mesh_dcn > 1: a multi-slice (hybrid) mesh

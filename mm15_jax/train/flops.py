@@ -20,9 +20,9 @@ PEAK_FLOPS = (
     ("H200", 989e12),
     ("H100", 989e12),
     ("A100", 312e12),
-    ("TPU v5p", 459e12),
     ("TPU v5 lite", 197e12),
     ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),  # v5p reports "TPU v5": after "TPU v5 lite", as names match by substring
     ("TPU v6", 918e12),
     ("TPU v4", 275e12),
 )
