@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
 from data_pipelines import tokenizer as tokenizer_lib
 from mm15_jax import configs
@@ -48,12 +47,8 @@ def experiment_config(kind: str, part_config: dict, *, tokenizer: str = "none"):
 
 def abstract_part(config, kind: str, mesh):
   """(ShapeDtypeStructs carrying their shardings, shardings) of one part's params under `mesh`."""
-  model = nnx.eval_shape(lambda: state_lib.build_model(config.model, config.seed))
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  logical, abstract = state_lib.logical_axes(params), nnx.to_pure_dict(params)
-  shardings = state_lib.param_shardings(logical, abstract, mesh, config.sharding_rules)
-  structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return structs[kind], shardings[kind]
+  structs = state_lib.abstract_params(config, mesh)[2][kind]
+  return structs, jax.tree.map(lambda a: a.sharding, structs)
 
 
 def import_mesh(devices=None):

@@ -172,12 +172,7 @@ class Model:
 def _abstract(config, devices=None):
   """(mesh, graphdef, rest, abstract params carrying their shardings) of a config's model."""
   mesh = shd.make_mesh(config.mesh, devices)
-  model = nnx.eval_shape(lambda: state_lib.build_model(config.model, config.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  logical, abstract = state_lib.logical_axes(params), nnx.to_pure_dict(params)
-  shardings = state_lib.param_shardings(logical, abstract, mesh, config.sharding_rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return mesh, graphdef, rest, abstract
+  return (mesh, *state_lib.abstract_params(config, mesh))
 
 
 def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None) -> Model:

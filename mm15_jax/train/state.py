@@ -98,6 +98,17 @@ def optimizer_state_shardings(abstract_opt, abstract_params, p_shardings, replic
   return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
+def abstract_params(config, mesh):
+  """(graphdef, rest, params as ShapeDtypeStructs carrying their shardings on `mesh`): the model
+  of `config` without allocating it, as inference and checkpoint import place params."""
+  model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  logical, abstract = logical_axes(params), nnx.to_pure_dict(params)
+  shardings = param_shardings(logical, abstract, mesh, config.sharding_rules)
+  structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return graphdef, rest, structs
+
+
 def make_setup(config, mesh) -> TrainSetup:
   """Abstract model, optimizer and every sharding, checked before any compile."""
   abstract_model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
