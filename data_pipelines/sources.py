@@ -241,11 +241,14 @@ class JsonlSource:
     return int(self._line_numbers[index])
 
   def _line(self, index: int) -> bytes:
-    if self._file is None:
-      self._file = open(self.path, "rb", buffering=0)  # two threads racing here open it twice, harmlessly
+    # Two threads racing here may each open the file; each keeps its own reference for the
+    # read, because the handle that loses the race is closed when its last reference goes.
+    handle = self._file
+    if handle is None:
+      handle = self._file = open(self.path, "rb", buffering=0)
     # pread, not seek + read: no shared file position, so grain's reader threads cannot
     # read each other's lines.
-    return os.pread(self._file.fileno(), int(self._starts[index + 1] - self._starts[index]), int(self._starts[index]))
+    return os.pread(handle.fileno(), int(self._starts[index + 1] - self._starts[index]), int(self._starts[index]))
 
   def __getitem__(self, index: int) -> bytes:
     if not 0 <= index < len(self):

@@ -268,6 +268,18 @@ def test_jsonl_source_reads_alike_from_many_threads(tmp_path):
       assert list(pool.map(source.__getitem__, range(len(source)))) == serial
 
 
+def test_jsonl_source_first_reads_race_safely(tmp_path):
+  """Threads racing to open a fresh source's file: the handle that loses the race must not be
+  closed under a thread still reading through it (that failed about 1 source in 100)."""
+  lines = [json.dumps(dict(kind="text", messages=[{"role": "text", "content": f"line {i}"}])) for i in range(64)]
+  (tmp_path / "few.jsonl").write_text("\n".join(lines) + "\n")
+  serial = [records.encode(json.loads(line)) for line in lines]
+  with futures.ThreadPoolExecutor(16) as pool:
+    for _ in range(500):
+      source = sources.JsonlSource(str(tmp_path / "few.jsonl"))
+      assert list(pool.map(source.__getitem__, range(len(source)))) == serial
+
+
 def _read_shard(path):
   reader = ArrayRecordReader(path)
   items = reader.read_all() if reader.num_records() else []
