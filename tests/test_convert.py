@@ -88,7 +88,7 @@ def test_decoder_logits_match_transformers(tmp_path, name):
 
 def test_import_reads_shards_into_their_sharding(tmp_path):
   """Every param is built in its fsdp sharding over the 8 devices, from one public tensor at a time."""
-  save_decoder(tmp_path / "hf", shard="20KB")
+  save_decoder(tmp_path / "hf", shard="20KB", num_hidden_layers=6)  # more layers than a few cached tensors
   checkpoint = PublicCheckpoint(str(tmp_path / "hf"))
   assert len({v for v in checkpoint._file_of.values()}) > 1  # several shards, found through the index
   stats = {}
@@ -96,12 +96,12 @@ def test_import_reads_shards_into_their_sharding(tmp_path):
   _, params = importer.read_part("llm", checkpoint, mesh, stats=stats)
   q = params["layers"]["q"]  # [layers, d=64, heads, head_dim], embed over fsdp=8
   assert q.sharding.spec[1] == "fsdp" and len(q.sharding.device_set) == 8
-  assert q.addressable_shards[0].data.shape == (3, 8, 4, 16)
+  assert q.addressable_shards[0].data.shape == (6, 8, 4, 16)
   # The largest host array built at once is one device's shard of the largest param, not a whole param.
   largest_param = max(a.nbytes for a in jax.tree.leaves(params))
   assert 0 < stats["largest_host_array"] < largest_param
-  # Bytes read: each public tensor about once per distinct shard that needs it (the cache keeps a few).
-  assert checkpoint.bytes_read >= sum(p.nbytes for p in jax.tree.leaves(params)) / 2
+  # Each public tensor is read exactly once (fp32 on both sides), though 8 devices hold slices of it.
+  assert checkpoint.bytes_read == sum(p.nbytes for p in jax.tree.leaves(params))
 
 
 def test_export_round_trip_loads_in_transformers(tmp_path):

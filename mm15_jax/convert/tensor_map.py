@@ -6,18 +6,22 @@ array with a leading layer axis, public checkpoints store each layer separately)
 reshape between the two layouts, written with array methods so it runs on NumPy arrays and,
 for shape checks, abstractly under `jax.eval_shape`.
 
-`load` builds each param directly in its target sharding with `jax.make_array_from_callback`:
-every device's shard is cut from the public tensors of the layers it holds, read one at a
-time, so no host ever holds a whole stacked param (nor, on several hosts, a shard another
-host owns).
+`load` builds each param directly in its target sharding: a stacked param layer by layer,
+each public layer tensor read once per host and placed as one layer-sized sharded array, then
+written into the param's (donated) device buffer; other params with
+`jax.make_array_from_callback`, every device's shard cut from the one read. No host ever holds
+more than one public tensor and its shards (nor, on several hosts, a shard another host owns).
 """
 
 import collections
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +93,10 @@ def check_shapes(entries, checkpoint, abstract: dict) -> None:
 
 
 class _Recent:
-  """The last few public tensors in our layout: devices that share a layer's rows (replicated or
+  """The last few public tensors in our layout: devices that share a tensor's rows (replicated or
   sharded along another axis) cut their shards from one read."""
 
-  def __init__(self, checkpoint, size: int = 4):
+  def __init__(self, checkpoint, size: int = 2):
     self.checkpoint, self.size, self.cache = checkpoint, size, collections.OrderedDict()
 
   def get(self, entry: Tensor, name: str, dtype):
@@ -103,26 +107,52 @@ class _Recent:
     return self.cache[name]
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked, layer, i):
+  return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, 0)
+
+
+def _layer_sharding(sharding):
+  """The sharding of one layer of a stacked param, or None if layers are split across devices
+  (then each device's shard is cut layer by layer instead)."""
+  if not isinstance(sharding, NamedSharding) or (len(sharding.spec) and sharding.spec[0] is not None):
+    return None
+  return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+
 def load(entries, checkpoint, abstract: dict, shardings: dict, stats: dict | None = None) -> dict:
   """The params of `abstract` (ShapeDtypeStructs) from `checkpoint`, each a jax.Array placed with
   `shardings` (same structure). `stats`, if given, gets the largest host array built at once."""
   out = {}
+
+  def cut(array, index):
+    piece = array[index]
+    if stats is not None:
+      stats["largest_host_array"] = max(stats.get("largest_host_array", 0), piece.nbytes)
+    return piece
+
   for e in entries:
     target, sharding = get_path(abstract, e.ours), get_path(shardings, e.ours)
     dtype = np.dtype(target.dtype)
     recent = _Recent(checkpoint)
-
-    def shard(index, e=e, target=target, dtype=dtype, recent=recent):
-      if not e.stacked:
-        piece = recent.get(e, e.theirs, dtype)[index]
-      else:
+    per_layer = _layer_sharding(sharding) if e.stacked else None
+    if not e.stacked:
+      value = jax.make_array_from_callback(target.shape, sharding,
+                                           lambda index, e=e, r=recent, t=dtype: cut(r.get(e, e.theirs, t), index))
+    elif per_layer is not None:
+      # Layer-major: each layer read once, however many local devices hold a slice of it.
+      value = jax.jit(lambda s=target.shape, t=dtype: jnp.zeros(s, t), out_shardings=sharding)()
+      for i in range(target.shape[0]):
+        array = recent.get(e, e.theirs.format(i=i), dtype)
+        layer = jax.make_array_from_callback(array.shape, per_layer, lambda index, a=array: cut(a, index))
+        value = _write_layer(value, layer, np.int32(i))
+    else:
+      def shard(index, e=e, target=target, dtype=dtype, recent=recent):
         layers = range(*index[0].indices(target.shape[0]))
-        piece = np.stack([recent.get(e, e.theirs.format(i=i), dtype)[index[1:]] for i in layers])
-      if stats is not None:
-        stats["largest_host_array"] = max(stats.get("largest_host_array", 0), piece.nbytes)
-      return piece
+        return np.stack([cut(recent.get(e, e.theirs.format(i=i), dtype), index[1:]) for i in layers])
 
-    set_path(out, e.ours, jax.make_array_from_callback(target.shape, sharding, shard))
+      value = jax.make_array_from_callback(target.shape, sharding, shard)
+    set_path(out, e.ours, value)
   return out
 
 
