@@ -242,6 +242,10 @@ def base() -> ml_collections.ConfigDict:
       eps=1e-8,
       grad_clip=1.0,
       z_loss=0.0,
+      # > 0: the LM head and cross-entropy run this many positions at a time with a fused
+      # backward (train/loss.py), so the [batch, length, vocab] float32 logits never exist;
+      # must divide data.seq_len. 0: whole logits (fine for small vocabularies).
+      loss_chunk=0,
       trainable="all",  # "all" | comma list of vit,connector,llm
       nan_policy="stop",  # "stop" | "skip"
       peak_tflops_per_device=0.0,  # 0 = measure/guess from the device kind

@@ -302,8 +302,10 @@ class Decoder(nnx.Module):
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
     return constrain(x, ("batch", "length", "embed"))
 
-  def decode(self, x, positions, segment_ids, *, return_aux=False):
+  def decode(self, x, positions, segment_ids, *, return_aux=False, head=True):
     """x: [batch, length, embed]; positions, segment_ids: int [batch, length] -> float32 [batch, length, vocab].
+    With head=False: the final norm's output [batch, length, embed] instead, what the LM head
+    (`head_weight`) reads; the loss then forms the logits a chunk at a time (train/loss.py).
 
     With `return_aux`: (logits, aux), aux = dict(moe_lb_loss, moe_z_loss: means over MoE layers
     (alpha-free, see moe.finalize_stats), expert_load: [E] mean over MoE layers, dropped_tokens:
@@ -318,17 +320,18 @@ class Decoder(nnx.Module):
       x, stats = scan(has_aux=True)  # each [groups, ...]
       aux = dict(moe_lb_loss=jnp.mean(stats["lb_loss"]), moe_z_loss=jnp.mean(stats["z_loss"]),
                  expert_load=jnp.mean(stats["load"], axis=0), dropped_tokens=jnp.sum(stats["dropped"]))
-    logits = self.head(x)
-    return (logits, aux) if return_aux else logits
+    out = self.head(x) if head else self.final_norm(x)
+    return (out, aux) if return_aux else out
+
+  def head_weight(self):
+    """The LM head [embed, vocab] in the compute dtype (the embedding's transpose when tied)."""
+    if self.tie:
+      return self.embedding[...].astype(self.dtype).T
+    return self.lm_head[...].astype(self.dtype)
 
   def head(self, x):
     """Final norm and LM head: [batch, length, embed] -> float32 [batch, length, vocab]."""
-    x = self.final_norm(x)
-    if self.tie:
-      head = self.embedding[...].astype(self.dtype).T
-    else:
-      head = self.lm_head[...].astype(self.dtype)
-    logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bld,dv->blv", self.final_norm(x), self.head_weight(), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
 
   def _blocks(self, x, fn, cache=None):

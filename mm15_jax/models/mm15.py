@@ -33,16 +33,17 @@ class MM15(nnx.Module):
     moe = config.get("moe") if hasattr(config, "get") else None
     self.llm = Decoder(config.llm, moe=moe, **common)
 
-  def __call__(self, tokens, positions, segment_ids, images, image_token_positions, *, return_aux=False):
+  def __call__(self, tokens, positions, segment_ids, images, image_token_positions, *, return_aux=False, head=True):
     """Logits float32 [B, L, vocab] for one batch (fields as in mm15_jax/batch.py); with
-    `return_aux`, (logits, aux) with the MoE statistics of `Decoder.decode`.
+    `return_aux`, (logits, aux) with the MoE statistics of `Decoder.decode`; with head=False the
+    final norm's output [B, L, D] stands in for the logits (`Decoder.decode`).
 
     tokens, positions, segment_ids: int [B, L]; images: [B, T, S, S, 3] uint8 pixels (or floats already normalised);
     image_token_positions: int [B, T*K], -1 = unused slot. Shapes are static: unused tiles
     still run through the ViT (their tokens are dropped), so nothing here recompiles per batch.
     """
     x = self.embed(tokens, images, image_token_positions)
-    return self.llm.decode(x, positions, segment_ids, return_aux=return_aux)
+    return self.llm.decode(x, positions, segment_ids, return_aux=return_aux, head=head)
 
   def embed(self, tokens, images, image_token_positions):
     """The embedded sequence [B, L, D] with each tile's connector tokens written at its slots."""

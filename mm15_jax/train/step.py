@@ -12,7 +12,7 @@ from flax import nnx
 
 from mm15_jax import sharding as shd
 from mm15_jax.train import optimizer as opt_lib
-from mm15_jax.train.loss import masked_cross_entropy
+from mm15_jax.train.loss import chunked_token_terms, fused_cross_entropy, masked_cross_entropy, token_terms
 from mm15_jax.train.state import TrainSetup
 
 MODEL_INPUTS = ("tokens", "positions", "segment_ids", "images", "image_token_positions")
@@ -25,16 +25,23 @@ def _forward_sums(setup: TrainSetup, params, batch):
   the sum like the cross-entropy does, so the final objective is mean CE + weighted aux.
   """
   model = nnx.merge(setup.graphdef, params, setup.rest)
-  logits, moe_aux = model(*(batch[k] for k in MODEL_INPUTS), return_aux=True)
-  loss_sum, z_sum, correct = masked_cross_entropy(
-      logits, batch["targets"], batch["loss_mask"], setup.config.train.z_loss)
+  chunk = setup.config.train.get("loss_chunk", 0)
+  if chunk:
+    hidden, moe_aux = model(*(batch[k] for k in MODEL_INPUTS), return_aux=True, head=False)
+    objective, loss_sum, z_sum, correct = fused_cross_entropy(
+        hidden, model.llm.head_weight(), batch["targets"], batch["loss_mask"], setup.config.train.z_loss, chunk)
+  else:
+    logits, moe_aux = model(*(batch[k] for k in MODEL_INPUTS), return_aux=True)
+    loss_sum, z_sum, correct = masked_cross_entropy(
+        logits, batch["targets"], batch["loss_mask"], setup.config.train.z_loss)
+    objective = loss_sum + z_sum
   count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
   moe = setup.config.model.moe
   moe_objective = count * (moe.lb_loss_weight * moe_aux["moe_lb_loss"] + moe.z_loss_weight * moe_aux["moe_z_loss"])
   aux = dict(loss_sum=loss_sum, z_sum=z_sum, correct=correct, count=count,
              moe_lb_sum=count * moe_aux["moe_lb_loss"], moe_z_sum=count * moe_aux["moe_z_loss"],
              expert_load_sum=count * moe_aux["expert_load"], dropped_tokens=moe_aux["dropped_tokens"])
-  return loss_sum + z_sum + moe_objective, aux
+  return objective + moe_objective, aux
 
 
 def _freeze(setup: TrainSetup, params):
@@ -116,10 +123,15 @@ def eval_step(setup: TrainSetup, params: dict, batch: dict):
   is the argmax given the correct prefix. Examples are the packed segments of each row.
   """
   model = nnx.merge(setup.graphdef, params, setup.rest)
-  logits = model(*(batch[k] for k in MODEL_INPUTS))
-  loss_sum, _, correct = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+  chunk = setup.config.train.get("loss_chunk", 0)
+  if chunk:
+    hidden = model(*(batch[k] for k in MODEL_INPUTS), head=False)
+    nll, _, hit = chunked_token_terms(hidden, model.llm.head_weight(), batch["targets"], chunk)
+  else:
+    nll, _, hit = token_terms(model(*(batch[k] for k in MODEL_INPUTS)), batch["targets"])
   mask = batch["loss_mask"] > 0
-  wrong = (jnp.argmax(logits, -1) != batch["targets"]) & mask
+  loss_sum, correct = jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(jnp.where(mask, hit, 0.0))
+  wrong = (hit == 0) & mask
   b, length = mask.shape
   # One id per (row, segment): segment ids are < length + 1.
   ids = (jnp.arange(b)[:, None] * (length + 1) + batch["segment_ids"]).reshape(-1)
