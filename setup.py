@@ -18,6 +18,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.9",
         "ml-collections>=1.1.0",
         "sentencepiece>=0.2.0",
+        "tokenizers>=0.19",  # Hugging Face tokenizer.json files (data_pipelines.tokenizer_json)
         "chex>=0.1.90",
         "numpy>=1.26",
         "pillow>=10.0",

@@ -8,12 +8,15 @@ An Example (one record, unpacked; packing.py packs several into a batch row) is 
   image_slots  int32   [tiles*K]      positions of the <image> tokens in tokens, tile-major
   tiles        uint8   [tiles, S, S, 3]  the AnyRes tiles of all images, in order
   kind_id      int32   scalar         records.KINDS index
-  skipped      int32   scalar         1: a placeholder for a corrupt/malformed record
-                                      (no tokens, no tiles), dropped and counted by packing
+  skipped      int32   scalar         MALFORMED: a placeholder for a corrupt/malformed record,
+                                      TOO_LONG: for one dropped as too long (packing makes
+                                      those of None), no tokens, no tiles; counted by packing
 
 Token layout (each quoted span is encoded on its own; sentencepiece starts every span at a
-word boundary, so spans decode separated by a space). Conversations (user/assistant turns,
-any number, loss on every assistant turn's text and the <eos> that closes it):
+word boundary, so spans decode separated by a space, as they do through a byte-level BPE's
+`encode_span`; <bos> is left out for a tokenizer without one, bos_id None, e.g. Qwen2's). Conversations
+(user/assistant turns, any number, loss on every assistant turn's text and the <eos> that
+closes it):
 
   <bos> "User:" {content} "Assistant:" {answer} <eos> "User:" {content} "Assistant:" ...
 
@@ -33,7 +36,7 @@ a block. Indicators (data.anyres.indicators), for image k (from 1) of grid rows 
 So `User:<image>... Assistant: red` is a one-image single-turn conversation with "none".
 
 Overlong (more than data.seq_len tokens or data.max_tiles tiles): data.overlong="drop"
-returns None (grain drops it); "truncate" keeps the longest prefix that fits and never
+returns None (packing counts it as num_overlong); "truncate" keeps the longest prefix that fits and never
 cuts an image block: the cut moves back to the start of the first block that does not fit
 (in tokens or tiles), and that image and all later ones are dropped with their tiles. An
 example left with nothing to train on is dropped (None).
@@ -64,10 +67,20 @@ def index_text(k: int, layout, t: int) -> str:
   return f"Image {k} row {t // cols + 1} col {t % cols + 1}:"
 
 
-def _piece_ids(tokenizer, piece: str) -> list[int]:
-  """One id for a vocabulary piece (byte pieces like "<0x0A>" included), else its encoding."""
+def _piece_ids(tokenizer, piece: str, text: str) -> list[int]:
+  """One id for a vocabulary piece (SentencePiece byte pieces like "<0x0A>" included), else the
+  encoding of its text (a byte-level BPE spells a newline "Ċ", never "<0x0A>")."""
   i = tokenizer.piece_to_id(piece)
-  return [i] if i is not None else tokenizer.encode(piece)
+  return [i] if i is not None else tokenizer.encode(text)
+
+
+MALFORMED, TOO_LONG = 1, 2  # Example["skipped"] of a placeholder: why its record has no example
+
+
+def placeholder(tile: int, reason: int, kind_id: int = -1) -> dict:
+  """An Example with no tokens and no tiles that stands for a record packing counts, not packs."""
+  return dict(tokens=np.zeros(0, np.int32), loss_on=np.zeros(0, np.float32), image_slots=np.zeros(0, np.int32),
+              tiles=np.zeros((0, tile, tile, 3), np.uint8), kind_id=np.int32(kind_id), skipped=np.int32(reason))
 
 
 class ExampleBuilder:
@@ -84,8 +97,8 @@ class ExampleBuilder:
     self.anyres = anyres if anyres is not None else dict(enabled=False)
     self.indicators, self.overlong = indicators, overlong
     self.max_tiles = max_tiles if max_tiles is not None else np.iinfo(np.int32).max
-    self._user, self._assistant = tokenizer.encode(USER), tokenizer.encode(ASSISTANT)
-    self._seps = {s: _piece_ids(tokenizer, p) for s, p in ((",", ","), ("\n", "<0x0A>"), (":", ":"))}
+    self._user, self._assistant = tokenizer.encode_span(USER), tokenizer.encode_span(ASSISTANT)
+    self._seps = {s: _piece_ids(tokenizer, p, s) for s, p in ((",", ","), ("\n", "<0x0A>"), (":", ":"))}
 
   @classmethod
   def from_config(cls, config, tokenizer) -> "ExampleBuilder":
@@ -97,9 +110,7 @@ class ExampleBuilder:
 
   def skipped(self, kind_id: int = -1) -> dict:
     """The placeholder Example of a corrupt/malformed record (packing counts and drops it)."""
-    return dict(tokens=np.zeros(0, np.int32), loss_on=np.zeros(0, np.float32), image_slots=np.zeros(0, np.int32),
-                tiles=np.zeros((0, self.tile, self.tile, 3), np.uint8), kind_id=np.int32(kind_id),
-                skipped=np.int32(1))
+    return placeholder(self.tile, MALFORMED, kind_id)
 
   def _block(self, k: int, layout) -> tuple[list[int], list[int]]:
     """(ids, slot offsets within ids) of image k's block."""
@@ -107,7 +118,7 @@ class ExampleBuilder:
     rows, cols = layout.grid
     for t in range(layout.num_tiles):
       if self.indicators == "index":
-        ids += self.tokenizer.encode(index_text(k, layout, t))
+        ids += self.tokenizer.encode_span(index_text(k, layout, t))
       elif self.indicators == "seps" and layout.split and t == rows * cols:
         ids += self._seps[":"]
       slots += range(len(ids), len(ids) + self.k)
@@ -122,7 +133,8 @@ class ExampleBuilder:
     if roles - {"text"} and "text" in roles:
       raise records.MalformedRecord(f"messages mix 'text' with chat roles {sorted(roles)}")
     chat = "text" not in roles
-    ids, loss, blocks = [self.tokenizer.bos_id], [0.0], []
+    bos = self.tokenizer.bos_id  # None: a tokenizer without one (Qwen2); the first span starts the sequence
+    ids, loss, blocks = ([bos], [0.0], []) if bos is not None else ([], [], [])
 
     def add(new, on):
       ids.extend(new)
@@ -140,13 +152,15 @@ class ExampleBuilder:
           block, slots = self._block(k + 1, layouts[k])
           blocks.append((len(ids), len(ids) + len(block), [len(ids) + s for s in slots]))
           add(block, False)
-        add(self.tokenizer.encode(span), trained)
+        add(self.tokenizer.encode_span(span), trained)
       if m["role"] == "assistant":
         add([self.tokenizer.eos_id], True)
     if not chat:
       add([self.tokenizer.eos_id], True)
     if len(blocks) != len(layouts):
       raise records.MalformedRecord(f"{len(blocks)} {records.IMAGE_MARKER!r} markers but {len(layouts)} images")
+    if loss:
+      loss[0] = 0.0  # nothing predicts the first token (a text token without <bos>)
     return ids, loss, blocks
 
   def prompt(self, record: dict) -> dict:

@@ -47,6 +47,8 @@ class Tokenizer:
     self.model_proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
+    # A model without a bos/eos piece says -1; None means "no such token" for every tokenizer kind.
+    self.bos_id, self.eos_id = (i if i >= 0 else None for i in (self.bos_id, self.eos_id))
     if self.pad_id < 0:  # Llama's tokenizers have no pad piece; padding is masked out anyway
       self.pad_id = max(self._sp.unk_id(), 0)
     self.image_id = self.piece_to_id(IMAGE_TOKEN)
@@ -58,6 +60,10 @@ class Tokenizer:
     return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
 
   def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_span(self, text: str) -> list[int]:
+    """One span of a laid-out sequence: SentencePiece starts each at a word boundary itself."""
     return self._sp.encode(text)
 
   def decode(self, ids) -> str:
@@ -133,16 +139,27 @@ def with_image_piece(model_proto: bytes) -> bytes:
   return proto.SerializeToString()
 
 
-def load_tokenizer_file(path: str) -> Tokenizer:
-  """A SentencePiece .model file (e.g. an imported LLM's tokenizer.model); it must have `<image>`."""
+def load_tokenizer_file(path: str):
+  """A tokenizer file (e.g. an import's): a Hugging Face tokenizer.json (`.json`, with the
+  tokenizer_config.json beside it naming its special tokens) or a SentencePiece .model file.
+  It must have `<image>` and an end-of-sequence token."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config.data.tokenizer={path!r}: no such file; give a SentencePiece .model file, "
-                            "'' for the built-in tokenizer or 'none' for token ids only")
-  with open(path, "rb") as f:
-    tokenizer = Tokenizer(f.read())
+    raise FileNotFoundError(f"config.data.tokenizer={path!r}: no such file; give a SentencePiece .model file or a "
+                            "tokenizer.json, '' for the built-in tokenizer or 'none' for token ids only")
+  if path.endswith(".json"):
+    from data_pipelines import tokenizer_json  # the `tokenizers` library: only needed here
+
+    tokenizer = tokenizer_json.load(path)
+  else:
+    with open(path, "rb") as f:
+      tokenizer = Tokenizer(f.read())
   if tokenizer.image_id is None:
-    raise ValueError(f"config.data.tokenizer={path!r} has no {IMAGE_TOKEN} piece; `python -m mm15_jax.convert "
-                     "import` adds it (data_pipelines.tokenizer.with_image_piece)")
+    raise ValueError(f"config.data.tokenizer={path!r} has no {IMAGE_TOKEN} token; `python -m mm15_jax.convert "
+                     "import` adds it (data_pipelines.tokenizer.with_image_piece, tokenizer_json.with_image_token)")
+  if tokenizer.eos_id is None:
+    fix = ("name one as eos_token in the tokenizer_config.json beside it" if path.endswith(".json") else
+           "give a SentencePiece model with an eos piece (eos_id >= 0)")
+    raise ValueError(f"config.data.tokenizer={path!r} has no end-of-sequence token; {fix}")
   return tokenizer
 
 
@@ -156,13 +173,13 @@ def check_vocab(config, tokenizer: Tokenizer) -> None:
 
 
 def tokenizer_for_config(config, cache_dir: str | None = None, *, required: bool = True) -> Tokenizer | None:
-  """config.data.tokenizer: '' the built-in one (cached), a SentencePiece file, or 'none' (token ids
-  only: None, unless `required`, as training is)."""
+  """config.data.tokenizer: '' the built-in one (cached), a tokenizer file (SentencePiece .model or
+  tokenizer.json: load_tokenizer_file), or 'none' (token ids only: None, unless `required`, as training is)."""
   source = config.data.get("tokenizer", "")
   if source == "none":
     if required:
       raise ValueError("config.data.tokenizer='none' gives token ids only; training and generation need a "
-                       "tokenizer: set config.data.tokenizer to a SentencePiece .model file")
+                       "tokenizer: set config.data.tokenizer to a SentencePiece .model file or a tokenizer.json")
     return None
   tokenizer = load_tokenizer_file(source) if source else load_tokenizer(config.model.llm.vocab_size, cache_dir)
   check_vocab(config, tokenizer)

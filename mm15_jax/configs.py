@@ -226,7 +226,8 @@ def base() -> ml_collections.ConfigDict:
       image_scale=1.0,  # built-in images are 24..96 px times this
       num_workers=0,  # grain worker processes for decoding and tiling (0: in the main process)
       prefetch=2,  # batches put on devices ahead of the step
-      # "" = the built-in tokenizer; else a SentencePiece .model file (e.g. an imported LLM's).
+      # "" = the built-in tokenizer; else a SentencePiece .model file or a Hugging Face tokenizer.json
+      # (an imported LLM's, with <image> added); "none" = token ids only (inference).
       tokenizer="",
   )
   c.train = dict(

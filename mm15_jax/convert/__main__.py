@@ -4,7 +4,7 @@
   python -m mm15_jax.convert check --hf=HF_DIR --checkpoint=DIR          # max relative difference
   python -m mm15_jax.convert export --checkpoint=DIR --out=HF_DIR [--config=FILE] [--dtype=bfloat16]
 
-`import` reads a Llama/Mistral/Qwen2 decoder or a CLIP/SigLIP vision tower saved as
+`import` reads a Llama/Mistral/Qwen2 or Mixtral (MoE) decoder or a CLIP/SigLIP vision tower saved as
 safetensors (config.json beside), writes DIR/checkpoints (orbax) and DIR/config.py; start
 training from it with --config.init.llm_from=DIR / --config.init.vit_from=DIR. `check`
 needs torch and transformers (CPU builds).

@@ -1,6 +1,7 @@
-"""Our decoder -> the public Llama/Qwen2 layout (safetensors shards + config.json), so common
-serving tools load it. Single host: each param is fetched one layer at a time and written in
-shards of bounded size, so the host holds one shard, never the whole model."""
+"""Our decoder -> the public Llama/Qwen2 layout, or Mixtral's for routed experts in every layer
+(safetensors shards + config.json), so common serving tools load it. Single host: each param is
+fetched one layer at a time and written in shards of bounded size, so the host holds one shard,
+never the whole model."""
 
 import os
 
@@ -10,9 +11,10 @@ import numpy as np
 from data_pipelines import tokenizer as tokenizer_lib
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import configs
-from mm15_jax.convert import public_decoder, tensor_map
+from mm15_jax.convert import public_decoder, public_moe_decoder, tensor_map
 from mm15_jax.convert.importer import abstract_part, import_mesh
 from mm15_jax.convert.safetensors_dir import write_checkpoint
+from mm15_jax.models.moe import moe_settings
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
 
@@ -32,19 +34,37 @@ def run_export(checkpoint_dir: str, out_dir: str, *, config_spec: str | None = N
     raise ValueError(f"--dtype={dtype!r}: expected one of {sorted(DTYPES)}")
   config = experiment_for(checkpoint_dir, config_spec)
   llm = config.model.llm
-  if config.model.moe.num_experts:
-    raise ValueError("config.model.moe.num_experts > 0: an MoE decoder has no Llama/Qwen2 layout to export to")
+  moe = moe_settings(config.model.moe, llm.mlp_dim)  # None: a dense decoder
+  if moe is not None:
+    public_moe_decoder.check_exportable(llm, moe)  # before anything is read
   mesh = import_mesh(devices)
   abstract, _ = abstract_part(config, "llm", mesh)
   params = ckpt_lib.load_param_parts({}, {"llm": abstract}, {"llm": checkpoint_dir})["llm"]
-  extra, bos, eos = {}, None, None
-  source = config.data.get("tokenizer", "")
-  if source and source != "none":
-    tok = tokenizer_lib.load_tokenizer_file(source)
-    extra["tokenizer.model"], bos, eos = source, tok.bos_id, tok.eos_id
+  extra, tok = tokenizer_files(config.data.get("tokenizer", ""))
+  public = (public_decoder.public_config(llm, dtype=dtype) if moe is None else
+            public_moe_decoder.public_config(llm, moe, dtype=dtype))
+  if tok:  # bos may be None (Qwen2 has none): config.json then says so
+    public.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
   cast = DTYPES[dtype]
-  pairs = ((name, array.astype(cast)) for name, array in
-           tensor_map.export(public_decoder.tensors(llm), params, llm.n_layers))
-  return write_checkpoint(out_dir, pairs, public_decoder.public_config(llm, dtype=dtype, bos_id=bos, eos_id=eos),
-                          max_shard_bytes=max_shard_bytes, extra_files=extra)
+  if moe is None:
+    named = tensor_map.export(public_decoder.tensors(llm), params, llm.n_layers)
+  else:
+    named = public_moe_decoder.export(public_moe_decoder.tensors(llm, moe), params, llm.n_layers)
+  pairs = ((name, array.astype(cast)) for name, array in named)
+  return write_checkpoint(out_dir, pairs, public, max_shard_bytes=max_shard_bytes, extra_files=extra)
+
+
+def tokenizer_files(source: str):
+  """({exported name: path}, tokenizer) of config.data.tokenizer: a tokenizer.json goes with the
+  tokenizer_config.json beside it, a SentencePiece model as tokenizer.model; ({}, None) without one."""
+  if not source or source == "none":
+    return {}, None
+  tok = tokenizer_lib.load_tokenizer_file(source)
+  if not source.endswith(".json"):
+    return {"tokenizer.model": source}, tok
+  files = {"tokenizer.json": source}
+  beside = os.path.join(os.path.dirname(os.path.abspath(source)), "tokenizer_config.json")
+  if os.path.isfile(beside):
+    files["tokenizer_config.json"] = beside
+  return files, tok
 

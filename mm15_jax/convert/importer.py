@@ -2,7 +2,9 @@
 
   OUT/checkpoints/0/params   {"llm": ...} or {"vit": ...}, our layout and param dtype
   OUT/config.py              the experiment: base() with the imported shape, init.<part>_from=OUT
-  OUT/tokenizer.model        the decoder's SentencePiece model with <image> added (if it had one)
+  OUT/tokenizer.model        the decoder's SentencePiece model with <image> added (if it had one), or
+  OUT/tokenizer.json         its Hugging Face tokenizer with <image> added, and tokenizer_config.json
+                             naming bos/eos/pad (a checkpoint with tokenizer.json only: Llama 3, Qwen2)
   OUT/import.json            where it came from
 
 The experiment file is written last, so its presence marks a complete import.
@@ -22,9 +24,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from data_pipelines import tokenizer as tokenizer_lib
+from data_pipelines import tokenizer_json
 from mm15_jax import configs
 from mm15_jax import sharding as shd
-from mm15_jax.convert import public_decoder, public_vision, tensor_map
+from mm15_jax.convert import public_decoder, public_moe_decoder, public_vision, tensor_map
 from mm15_jax.convert.safetensors_dir import PublicCheckpoint
 from mm15_jax.train import state as state_lib
 
@@ -35,6 +38,8 @@ def experiment_config(kind: str, part_config: dict, *, tokenizer: str = "none"):
   """base() with the imported part's shape; the other parts stay the base's (tiny) ones."""
   c = configs.base()
   if kind == "llm":
+    part_config = dict(part_config)
+    c.model.moe.update(part_config.pop("moe", {}))  # a mixture-of-experts decoder's
     c.model.llm.update(part_config)
     c.data.tokenizer = tokenizer
   else:
@@ -58,9 +63,15 @@ def import_mesh(devices=None):
 
 def read_part(kind: str, checkpoint: PublicCheckpoint, mesh, *, stats=None):
   """(our part config, params placed on `mesh`) from a public checkpoint."""
+  maps = tensor_map  # name and shape checks and the sharded load; a Mixtral decoder's also cover its experts
   if kind == "llm":
-    part = public_decoder.llm_config(checkpoint.config)
-    entries, n_layers = public_decoder.tensors(part), part["n_layers"]
+    if checkpoint.config.get("model_type") in public_moe_decoder.MODEL_TYPES:
+      maps, part = public_moe_decoder, public_moe_decoder.llm_config(checkpoint.config)
+      entries = public_moe_decoder.tensors(part, part["moe"], public_moe_decoder.layout_of(checkpoint.keys()))
+    else:
+      part = public_decoder.llm_config(checkpoint.config)
+      entries = public_decoder.tensors(part)
+    n_layers = part["n_layers"]
     ignore = public_decoder.IGNORED + (("lm_head.weight",) if part["tie_embeddings"] else ())
     what = f"{checkpoint.config['model_type']} decoder"
   elif kind == "vit":
@@ -70,31 +81,53 @@ def read_part(kind: str, checkpoint: PublicCheckpoint, mesh, *, stats=None):
     what = f"{checkpoint.config['model_type']} vision"
   else:
     raise ValueError(f"--kind={kind!r}: expected one of {KINDS}")
-  tensor_map.check_names(entries, checkpoint, n_layers, ignore=ignore, what=what)
+  maps.check_names(entries, checkpoint, n_layers, ignore=ignore, what=what)
   config = experiment_config(kind, part)
   abstract, shardings = abstract_part(config, kind, mesh)
-  tensor_map.check_shapes(entries, checkpoint, abstract)
+  maps.check_shapes(entries, checkpoint, abstract)
   missing = sorted(set(map(tuple, tensor_map.leaf_paths(abstract))) - {e.ours for e in entries})
   if missing:  # a mapping that forgot a param would leave it at its fresh init
     raise AssertionError(f"no public tensor maps to {missing}")
-  return part, tensor_map.load(entries, checkpoint, abstract, shardings, stats)
+  return part, maps.load(entries, checkpoint, abstract, shardings, stats)
 
 
-def add_image_token(llm_params: dict, part: dict, tokenizer_proto: bytes):
-  """(params, part, proto) with `<image>` appended to the tokenizer and one embedding row (and LM
-  head column) added for it, the mean of the others: the id MM1.5 writes image tokens at.
-  Unchanged if the tokenizer already has it."""
-  new_proto = tokenizer_lib.with_image_piece(tokenizer_proto)
-  vocab = tokenizer_lib.Tokenizer(new_proto).vocab_size
+def write_tokenizer(hf_dir: str, out_dir: str, model_config: dict) -> str | None:
+  """The decoder's tokenizer copied to out_dir with `<image>` added at the next free id (every
+  existing id unchanged): tokenizer.model (SentencePiece), else tokenizer.json with a
+  tokenizer_config.json naming bos/eos/pad. Returns the file for config.data.tokenizer, or None
+  when the checkpoint has neither."""
+  sp_path, json_path = os.path.join(hf_dir, "tokenizer.model"), os.path.join(hf_dir, "tokenizer.json")
+  if os.path.isfile(sp_path):
+    with open(sp_path, "rb") as f:
+      files = {"tokenizer.model": tokenizer_lib.with_image_piece(f.read())}
+  elif os.path.isfile(json_path):
+    with open(json_path, encoding="utf-8") as f:
+      text = tokenizer_json.with_image_token(f.read())
+    config = tokenizer_json.imported_config(tokenizer_json.read_config(json_path), model_config, text)
+    files = {"tokenizer.json": text.encode(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+  else:
+    return None
+  for name, data in files.items():
+    with open(os.path.join(out_dir, name), "wb") as f:
+      f.write(data)
+  return os.path.join(out_dir, next(iter(files)))
+
+
+def add_image_token(llm_params: dict, part: dict, tokenizer):
+  """(params, part) with one embedding row (and LM head column) added, the mean of the others,
+  when the tokenizer's ids (its `<image>` included: the id MM1.5 writes image tokens at) pass the
+  checkpoint's rows by one. Unchanged when they fit, e.g. in spare rows (Qwen2 has some)."""
+  vocab = tokenizer.vocab_size
   if vocab <= part["vocab_size"]:
-    return llm_params, part, new_proto
+    return llm_params, part
   if vocab != part["vocab_size"] + 1:
-    raise ValueError(f"tokenizer.model has {vocab - 1} pieces but config.json vocab_size={part['vocab_size']}")
+    raise ValueError(f"the tokenizer has {vocab - 1} ids besides {tokenizer_lib.IMAGE_TOKEN} but config.json "
+                     f"vocab_size={part['vocab_size']}")
   params = dict(llm_params)
   params["embedding"] = jnp.concatenate([params["embedding"], params["embedding"].mean(0, keepdims=True)], 0)
   if "lm_head" in params:
     params["lm_head"] = jnp.concatenate([params["lm_head"], params["lm_head"].mean(1, keepdims=True)], 1)
-  return params, dict(part, vocab_size=vocab), new_proto
+  return params, dict(part, vocab_size=vocab)
 
 
 def save_part(out_dir: str, kind: str, params) -> None:
@@ -127,14 +160,19 @@ def get_config(arg=""):
   del arg
   c = configs.base()
   c.model.{kind}.update(IMPORTED)
-{extra}  c.init.{kind}_from = HERE
+{moe}{extra}  c.init.{kind}_from = HERE
   return c
 '''
 
 
 def write_experiment(out_dir: str, kind: str, part: dict, source: str, tokenizer_file: str | None) -> str:
+  part = dict(part)
+  moe = part.pop("moe", None)  # a mixture-of-experts decoder's config.model.moe
+  moe_lines = ("  # Routed experts; impl 'ragged' drops no token, as the public model computes.\n"
+               f"  c.model.moe.update({moe!r})\n") if moe else ""
   if kind == "llm":
-    tok = 'os.path.join(HERE, "tokenizer.model")' if tokenizer_file else '"none"  # no tokenizer.model was found'
+    tok = (f'os.path.join(HERE, "{os.path.basename(tokenizer_file)}")' if tokenizer_file else
+           '"none"  # no tokenizer.model or tokenizer.json was found')
     extra = f"  c.data.tokenizer = {tok}\n"
     title = "Decoder LLM"
   else:
@@ -144,7 +182,7 @@ def write_experiment(out_dir: str, kind: str, part: dict, source: str, tokenizer
     title = "Image encoder"
   path = os.path.join(out_dir, "config.py")
   text = CONFIG_TEMPLATE.format(title=title, source=os.path.abspath(source), path=path, out=out_dir, kind=kind,
-                                part=pprint.pformat(part, indent=4, sort_dicts=False), extra=extra)
+                                part=pprint.pformat(part, indent=4, sort_dicts=False), extra=extra, moe=moe_lines)
   fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     f.write(text)
@@ -162,12 +200,10 @@ def run_import(kind: str, hf_dir: str, out_dir: str, *, devices=None) -> dict:
   part, params = read_part(kind, checkpoint, import_mesh(devices), stats=stats)
   tokenizer_file = None
   os.makedirs(out_dir, exist_ok=True)
-  if kind == "llm" and os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
-    with open(os.path.join(hf_dir, "tokenizer.model"), "rb") as f:
-      params, part, proto = add_image_token(params, part, f.read())
-    tokenizer_file = os.path.join(out_dir, "tokenizer.model")
-    with open(tokenizer_file, "wb") as f:
-      f.write(proto)
+  if kind == "llm":
+    tokenizer_file = write_tokenizer(hf_dir, out_dir, checkpoint.config)
+    if tokenizer_file:  # loaded as training will load it: <image> and eos are checked here
+      params, part = add_image_token(params, part, tokenizer_lib.load_tokenizer_file(tokenizer_file))
   save_part(out_dir, kind, params)
   summary = dict(kind=kind, source=os.path.abspath(hf_dir), model_type=checkpoint.config.get("model_type"),
                  params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))),

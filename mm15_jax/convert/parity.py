@@ -1,22 +1,25 @@
 """Both sides on the same random inputs: the public implementation (transformers, float32,
 CPU) and our model loaded from the import, and the largest relative difference of their
-outputs (decoder logits, or the encoder's patch features)."""
+outputs (decoder logits, or the encoder's patch features). A Mixtral decoder runs as our
+inference does, dropless ("ragged"), as Mixtral computes."""
 
 import numpy as np
 from flax import nnx
 
-from mm15_jax.convert import public_decoder, public_vision
+from mm15_jax.convert import public_decoder, public_moe_decoder, public_vision
 from mm15_jax.convert.exporter import experiment_for
 from mm15_jax.convert.importer import abstract_part, import_mesh
 from mm15_jax.convert.safetensors_dir import PublicCheckpoint
 
+DECODERS = public_decoder.MODEL_TYPES + public_moe_decoder.MODEL_TYPES
+
 
 def kind_of(model_type: str) -> str:
-  if model_type in public_decoder.MODEL_TYPES:
+  if model_type in DECODERS:
     return "llm"
   if model_type in public_vision.LAYOUT_OF:
     return "vit"
-  raise ValueError(f"config.json model_type={model_type!r}: neither a decoder {public_decoder.MODEL_TYPES} nor an "
+  raise ValueError(f"config.json model_type={model_type!r}: neither a decoder {DECODERS} nor an "
                    f"encoder {sorted(public_vision.LAYOUT_OF)}")
 
 
@@ -82,7 +85,7 @@ def run_check(hf_dir: str, checkpoint_dir: str, *, config_spec: str | None = Non
   config.model.dtype = "float32"  # compare at full precision
   rng = np.random.default_rng(seed)
   if kind == "llm":
-    vocab = public_decoder.llm_config(public.config)["vocab_size"]
+    vocab = public.config["vocab_size"]
     tokens = rng.integers(0, vocab, (batch, length))
     theirs = public_logits(hf_dir, tokens)
     ours = our_logits(config, checkpoint_dir, tokens)[..., :vocab]  # an added <image> row is ours only

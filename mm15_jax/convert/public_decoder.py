@@ -5,6 +5,7 @@ input axis first and splits heads: q [embed, heads, head_dim], o [heads, head_di
 Both use the half-split ("rotate_half") RoPE layout, so no permutation of q/k rows is needed.
 Qwen2 adds biases to q, k and v. Anything the Decoder cannot compute (biases on o or the MLP,
 sliding-window attention, other RoPE scalings, other activations) is refused by name.
+Mixtral decoders share this layout except for their experts (public_moe_decoder).
 """
 
 from mm15_jax.convert.tensor_map import Tensor
@@ -33,13 +34,20 @@ def llm_config(hf: dict) -> dict:
   """config.json of a public decoder -> our `config.model.llm` fields."""
   model_type = hf.get("model_type")
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"config.json model_type={model_type!r}: --kind=llm reads {MODEL_TYPES} decoders")
+    raise ValueError(f"config.json model_type={model_type!r}: --kind=llm reads {MODEL_TYPES} decoders and "
+                     "'mixtral' mixture-of-experts decoders")
+  return decoder_fields(hf)
+
+
+def decoder_fields(hf: dict) -> dict:
+  """Our `config.model.llm` fields from what every Llama-family config.json has (Mixtral's too)."""
+  model_type = hf.get("model_type")
   refuse = {
       "hidden_act": hf.get("hidden_act", "silu") != "silu",
       "mlp_bias": bool(hf.get("mlp_bias")),
       "attention_bias": model_type != "qwen2" and bool(hf.get("attention_bias")),  # bias on o_proj too
       "use_sliding_window": bool(hf.get("use_sliding_window")),
-      "sliding_window": model_type == "mistral" and hf.get("sliding_window") is not None,
+      "sliding_window": model_type in ("mistral", "mixtral") and hf.get("sliding_window") is not None,
   }
   bad = [k for k, v in refuse.items() if v]
   if bad:
@@ -84,8 +92,9 @@ def public_config(llm, *, dtype: str = "bfloat16", bos_id=None, eos_id=None) -> 
   return config
 
 
-def tensors(llm) -> list[Tensor]:
-  """The entries of our Decoder params for `config.model.llm` (dense decoders)."""
+def tensors(llm, *, layers=("layers",), mlp: bool = True) -> list[Tensor]:
+  """The entries of our Decoder params for `config.model.llm`: `layers` is the path of the stacked
+  blocks (("layers", "sparse") in an MoE decoder), `mlp` False leaves out the dense MLP."""
   d, h, kv, hd = llm["d_model"], llm["n_heads"], llm["n_kv_heads"], llm["head_dim"]
   layer = "model.layers.{i}."
 
@@ -101,21 +110,21 @@ def tensors(llm) -> list[Tensor]:
   out = [
       Tensor(("embedding",), "model.embed_tokens.weight", *same()),
       Tensor(("final_norm", "scale"), "model.norm.weight", *same()),
-      Tensor(("layers", "attn_norm", "scale"), layer + "input_layernorm.weight", *same(), stacked=True),
-      Tensor(("layers", "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", *same(), stacked=True),
-      Tensor(("layers", "q"), layer + "self_attn.q_proj.weight", *heads_in(h), stacked=True),
-      Tensor(("layers", "k"), layer + "self_attn.k_proj.weight", *heads_in(kv), stacked=True),
-      Tensor(("layers", "v"), layer + "self_attn.v_proj.weight", *heads_in(kv), stacked=True),
+      Tensor((*layers, "attn_norm", "scale"), layer + "input_layernorm.weight", *same(), stacked=True),
+      Tensor((*layers, "mlp_norm", "scale"), layer + "post_attention_layernorm.weight", *same(), stacked=True),
+      Tensor((*layers, "q"), layer + "self_attn.q_proj.weight", *heads_in(h), stacked=True),
+      Tensor((*layers, "k"), layer + "self_attn.k_proj.weight", *heads_in(kv), stacked=True),
+      Tensor((*layers, "v"), layer + "self_attn.v_proj.weight", *heads_in(kv), stacked=True),
       # [d, h * hd] -> [h, hd, d]
-      Tensor(("layers", "o"), layer + "self_attn.o_proj.weight",
+      Tensor((*layers, "o"), layer + "self_attn.o_proj.weight",
              lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T, stacked=True),
-      Tensor(("layers", "gate"), layer + "mlp.gate_proj.weight", *transpose(), stacked=True),
-      Tensor(("layers", "up"), layer + "mlp.up_proj.weight", *transpose(), stacked=True),
-      Tensor(("layers", "down"), layer + "mlp.down_proj.weight", *transpose(), stacked=True),
   ]
+  if mlp:
+    out += [Tensor((*layers, name), layer + f"mlp.{name}_proj.weight", *transpose(), stacked=True)
+            for name in ("gate", "up", "down")]
   if llm.get("qkv_bias", False):
     for name, n in (("q", h), ("k", kv), ("v", kv)):
-      out.append(Tensor(("layers", f"{name}_bias"), layer + f"self_attn.{name}_proj.bias",
+      out.append(Tensor((*layers, f"{name}_bias"), layer + f"self_attn.{name}_proj.bias",
                         lambda w, n=n: w.reshape(n, hd), lambda w: w.reshape(-1), stacked=True))
   if not llm["tie_embeddings"]:
     out.append(Tensor(("lm_head",), "lm_head.weight", *transpose()))

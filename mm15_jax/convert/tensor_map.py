@@ -9,8 +9,9 @@ for shape checks, abstractly under `jax.eval_shape`.
 `load` builds each param directly in its target sharding: a stacked param layer by layer,
 each public layer tensor read once per host and placed as one layer-sized sharded array, then
 written into the param's (donated) device buffer; other params with
-`jax.make_array_from_callback`, every device's shard cut from the one read. No host ever holds
-more than one public tensor and its shards (nor, on several hosts, a shard another host owns).
+`jax.make_array_from_callback`, every device's shard cut from the one read. No host holds
+more than a few public tensors (one layer's experts) and their shards (nor, on several hosts,
+a shard another host owns).
 """
 
 import collections
@@ -120,40 +121,52 @@ def _layer_sharding(sharding):
   return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
 
 
+def place_layers(target, sharding, layer_piece):
+  """A stacked param [layers, ...] built one layer at a time: `layer_piece(i, index)` is the host
+  piece of layer i at a device's `index` into that layer. Each layer becomes one sharded array,
+  written into the param's donated device buffer, so a public tensor is read once per host
+  however many local devices hold slices of it. None where layers are split across devices."""
+  per_layer = _layer_sharding(sharding)
+  if per_layer is None:
+    return None
+  value = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=sharding)()
+  for i in range(target.shape[0]):
+    layer = jax.make_array_from_callback(target.shape[1:], per_layer, functools.partial(layer_piece, i))
+    value = _write_layer(value, layer, np.int32(i))
+  return value
+
+
 def load(entries, checkpoint, abstract: dict, shardings: dict, stats: dict | None = None) -> dict:
   """The params of `abstract` (ShapeDtypeStructs) from `checkpoint`, each a jax.Array placed with
   `shardings` (same structure). `stats`, if given, gets the largest host array built at once."""
   out = {}
 
-  def cut(array, index):
-    piece = array[index]
-    if stats is not None:
-      stats["largest_host_array"] = max(stats.get("largest_host_array", 0), piece.nbytes)
-    return piece
-
+  cut = functools.partial(cut_piece, stats)
   for e in entries:
     target, sharding = get_path(abstract, e.ours), get_path(shardings, e.ours)
     dtype = np.dtype(target.dtype)
     recent = _Recent(checkpoint)
-    per_layer = _layer_sharding(sharding) if e.stacked else None
     if not e.stacked:
       value = jax.make_array_from_callback(target.shape, sharding,
                                            lambda index, e=e, r=recent, t=dtype: cut(r.get(e, e.theirs, t), index))
-    elif per_layer is not None:
-      # Layer-major: each layer read once, however many local devices hold a slice of it.
-      value = jax.jit(lambda s=target.shape, t=dtype: jnp.zeros(s, t), out_shardings=sharding)()
-      for i in range(target.shape[0]):
-        array = recent.get(e, e.theirs.format(i=i), dtype)
-        layer = jax.make_array_from_callback(array.shape, per_layer, lambda index, a=array: cut(a, index))
-        value = _write_layer(value, layer, np.int32(i))
     else:
-      def shard(index, e=e, target=target, dtype=dtype, recent=recent):
-        layers = range(*index[0].indices(target.shape[0]))
-        return np.stack([cut(recent.get(e, e.theirs.format(i=i), dtype), index[1:]) for i in layers])
+      layer = lambda i, e=e, r=recent, t=dtype: r.get(e, e.theirs.format(i=i), t)
+      value = place_layers(target, sharding, lambda i, index, layer=layer: cut(layer(i), index))
+      if value is None:
+        def shard(index, target=target, layer=layer):
+          return np.stack([cut(layer(i), index[1:]) for i in range(*index[0].indices(target.shape[0]))])
 
-      value = jax.make_array_from_callback(target.shape, sharding, shard)
+        value = jax.make_array_from_callback(target.shape, sharding, shard)
     set_path(out, e.ours, value)
   return out
+
+
+def cut_piece(stats: dict | None, array, index):
+  """array[index], noting in `stats` the largest host piece built."""
+  piece = array[index]
+  if stats is not None:
+    stats["largest_host_array"] = max(stats.get("largest_host_array", 0), piece.nbytes)
+  return piece
 
 
 def export(entries, params: dict, n_layers: int):

@@ -80,7 +80,7 @@ class Model:
     """The training layout of a prompt: dict(tokens, image_slots, tiles, layouts) (ExampleBuilder.prompt)."""
     if self.builder is None:
       raise ValueError("this model has no tokenizer (config.data.tokenizer='none'): give token ids to "
-                       "Model.logits, or set config.data.tokenizer to a SentencePiece .model file")
+                       "Model.logits, or set config.data.tokenizer to a SentencePiece .model file or a tokenizer.json")
     return self.builder.prompt(prompt_lib.make_record(prompt, images))
 
   def _place(self, arrays: dict) -> dict:
@@ -92,8 +92,11 @@ class Model:
   def _arrays(self, examples, length: int) -> dict:
     rows = -(-len(examples) // self.batch_shards) * self.batch_shards
     tiles = self.config.data.max_tiles if any(len(ex["tiles"]) for ex in examples) else 0
+    bos = self.tokenizer.bos_id if self.tokenizer else 0
+    if bos is None:  # a tokenizer without <bos> (Qwen2): filler rows hold pad; their outputs are dropped
+      bos = self.tokenizer.pad_id
     return prompt_lib.batch_arrays(examples, rows=rows, length=length, max_tiles=tiles, tile=self.tile,
-                                   tokens_per_tile=self.k, bos_id=self.tokenizer.bos_id if self.tokenizer else 0)
+                                   tokens_per_tile=self.k, bos_id=bos)
 
   # ------------------------------------------------------------ outputs
 
