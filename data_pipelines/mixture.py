@@ -22,7 +22,7 @@ grain's worker processes run.
 
 import grain
 
-from data_pipelines import builtin, records
+from data_pipelines import builtin, records, sequence
 from data_pipelines import sources as sources_lib
 from data_pipelines.sequence import ExampleBuilder
 
@@ -108,4 +108,6 @@ class ToExample:
       if record is None:
         record = dict(skipped=1, reason=reason)
       item = record
-    return self.builder(item)
+    example = self.builder(item)
+    # None (too long) would vanish in a MapDataset; a placeholder reaches packing, which counts it.
+    return sequence.placeholder(self.builder.tile, sequence.TOO_LONG) if example is None else example

@@ -15,20 +15,25 @@ each packed row into the batch row:
       image_slots plus the row position where its segment starts, -1 unused; images stay
       uint8 pixels (a quarter of float32's bytes to move to the devices; the model
       normalises them on device), unused tiles zero.
-  num_skipped  int32 scalar: an extra field besides the schema, the number of skipped
-      examples (corrupt/malformed records, sequence.Example skipped=1) packed into this row.
+  num_skipped  int32 scalar: an extra field besides the schema, the number of corrupt or
+      malformed records (sequence.Example skipped=MALFORMED) that fell to this row;
+  num_overlong int32 scalar: likewise the records dropped as longer than a row (with
+      data.overlong="drop", or a truncation that kept no trained token: the builder's None,
+      a TOO_LONG placeholder by mixture.ToExample).
+  COUNT_FIELDS names both: counts for the logs, not model inputs.
 
 A skipped example has no tokens and no tiles: it takes no room and only leaves a gap in
-the packer's segment numbering, which the row map closes. Examples that are None (overlong
-with data.overlong="drop") are filtered out before packing, uncounted.
+the packer's segment numbering, which the row map closes.
 """
 
 import grain
 import numpy as np
 
+from data_pipelines import sequence
 from data_pipelines import tokenizer as tokenizer_lib
 
 DEFAULT_BINS = 8
+COUNT_FIELDS = ("num_skipped", "num_overlong")
 
 
 def _get(d, key, default):
@@ -86,12 +91,14 @@ class RowFromPacked:
     return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids,
                 positions=np.where(used, pos, 0).astype(np.int32), images=images,
                 image_token_positions=image_token_positions,
-                num_skipped=np.int32(sum(int(x) for x in p["skipped"])))
+                num_skipped=np.int32(np.sum(np.asarray(p["skipped"]) == sequence.MALFORMED)),
+                num_overlong=np.int32(np.sum(np.asarray(p["skipped"]) == sequence.TOO_LONG)))
 
 
 def pack(ds: grain.IterDataset, *, seq_len: int, max_tiles: int, image_size: int, tokens_per_tile: int,
          num_bins: int = DEFAULT_BINS, seed: int = 0, shuffle_bins: bool = True) -> grain.IterDataset:
-  """IterDataset of Examples (None allowed, dropped) -> IterDataset of batch rows (unbatched).
+  """IterDataset of Examples (None allowed, dropped uncounted: mixture.ToExample gives counted
+  placeholders instead) -> IterDataset of batch rows (unbatched).
 
   num_bins: rows packed at once; more bins, less padding, more host memory
   (num_bins * max_tiles * S * S * 3 bytes of tiles).

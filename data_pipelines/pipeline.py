@@ -75,6 +75,7 @@ def padding_rows(config, rows: int) -> dict:
       images=np.zeros((rows, tiles, size, size, 3), np.uint8),
       image_token_positions=np.full((rows, tiles * k), -1, np.int32),
       num_skipped=np.zeros((rows,), np.int32),
+      num_overlong=np.zeros((rows,), np.int32),
   )
 
 

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import data_pipelines as dp
-from data_pipelines import mixture, records
+from data_pipelines import mixture, packing, records
 from mm15_jax import batch as batch_lib
 from mm15_jax import configs
 
@@ -98,7 +98,7 @@ def test_vocab_mismatch_is_a_clear_error(tok):
 # --- mixtures and the packed pipeline --------------------------------------
 
 def without_counts(batch):
-  return {k: v for k, v in batch.items() if k != "num_skipped"}
+  return {k: v for k, v in batch.items() if k not in packing.COUNT_FIELDS}
 
 
 def test_train_and_eval_batches_follow_the_schema(tok):
@@ -181,6 +181,40 @@ def test_two_processes_read_disjoint_records(tok):
   assert not np.array_equal(batches[0]["images"], batches[1]["images"])
   with pytest.raises(ValueError, match="batch_size=8"):
     dp.make_train_dataset(c, tok, process_index=0, process_count=3)
+
+
+def test_overlong_records_are_dropped_and_counted(tok, tmp_path):
+  """data.overlong="drop": a record longer than a row is not packed but counted as num_overlong,
+  and the prefetcher's total (what the trainer logs as overlong_records) adds the rows up."""
+  from mm15_jax.train.prefetch import DevicePrefetcher
+
+  def text(words):
+    return json.dumps({"kind": "text", "messages": [{"role": "text", "content": " ".join(["circle"] * words)}]})
+
+  (tmp_path / "data.jsonl").write_text("\n".join([text(5)] * 4 + [text(600)] * 4) + "\n")
+  c = tiny_config(sources={"mine": dict(kind="jsonl", weight=1.0, path=str(tmp_path / "data.jsonl"))})
+  batches = take(iter(dp.make_train_dataset(c, tok)), 3)
+  kept = sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches)
+  overlong = sum(int(b["num_overlong"].sum()) for b in batches)
+  assert sum(int(b["num_skipped"].sum()) for b in batches) == 0
+  # As many long records as short ones, but for the short ones the packer still holds in its bins.
+  assert kept > 20 and 0 <= overlong - kept <= c.data.pack_bins * 16, (overlong, kept)
+
+  class Replay:
+    def __init__(self):
+      self.i = 0
+
+    def get_state(self):
+      return {"i": self.i}
+
+    def __next__(self):
+      self.i += 1
+      return batches[self.i - 1]
+
+  prefetcher = DevicePrefetcher(Replay(), lambda b: b, depth=1)
+  got = [next(prefetcher) for _ in range(2)]
+  assert all(k not in b for b in got for k in packing.COUNT_FIELDS)  # counts never reach the model
+  assert prefetcher.overlong_records == sum(int(b["num_overlong"].sum()) for b in batches[:2])
 
 
 def test_corrupt_records_are_skipped_and_counted(tok, tmp_path):

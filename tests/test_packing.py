@@ -35,17 +35,18 @@ def synthetic(i, rng):
               skipped=np.int32(0))
 
 
-def skipped():
+def skipped(reason=sequence.MALFORMED):
   return dict(tokens=np.zeros(0, np.int32), loss_on=np.zeros(0, np.float32), image_slots=np.zeros(0, np.int32),
-              tiles=np.zeros((0, S, S, 3), np.uint8), kind_id=np.int32(-1), skipped=np.int32(1))
+              tiles=np.zeros((0, S, S, 3), np.uint8), kind_id=np.int32(-1), skipped=np.int32(reason))
 
 
 def stream(n=120, seed=0):
-  """Examples, a skipped one every 7th (the first too) and a None (dropped overlong) every 11th."""
+  """Examples, a skipped one every 7th (the first too) and an overlong one every 11th (the
+  placeholder mixture.ToExample makes of the builder's None)."""
   rng = np.random.default_rng(seed)
   out = []
   for i in range(n):
-    out.append(None if i % 11 == 5 else skipped() if i % 7 == 0 else synthetic(i, rng))
+    out.append(skipped(sequence.TOO_LONG) if i % 11 == 5 else skipped() if i % 7 == 0 else synthetic(i, rng))
   return out
 
 
@@ -97,11 +98,12 @@ def test_rows_follow_the_schema_and_hold_every_example_once():
   examples = stream()
   rows = list(packed(examples, num_bins=4))
   expected_shapes = batch_lib.shapes(1, L, T, S, K)
-  seen, skipped_count = {}, 0
+  seen, skipped_count, overlong_count = {}, 0, 0
   for row in rows:
     batch_lib.check({k: v[None] for k, v in row.items()}, expected_shapes)
     assert row["num_skipped"].dtype == np.int32 and row["num_skipped"].shape == ()
     skipped_count += int(row["num_skipped"])
+    overlong_count += int(row["num_overlong"])
     seg = row["segment_ids"]
     n_used = int((seg > 0).sum())
     assert (seg[:n_used] > 0).all() and (seg[n_used:] == 0).all(), "padding only at the end"
@@ -112,8 +114,9 @@ def test_rows_follow_the_schema_and_hold_every_example_once():
       i = int(ex["tokens"][0]) // 1000  # never an image slot
       assert i not in seen, f"example {i} packed twice"
       seen[i] = ex
-  assert skipped_count == sum(1 for e in examples if e is not None and e["skipped"])
-  want = {int(e["tokens"][0]) // 1000: e for e in examples if e is not None and not e["skipped"]}
+  assert skipped_count == sum(1 for e in examples if e["skipped"] == sequence.MALFORMED)
+  assert overlong_count == sum(1 for e in examples if e["skipped"] == sequence.TOO_LONG) > 0
+  want = {int(e["tokens"][0]) // 1000: e for e in examples if not e["skipped"]}
   assert sorted(seen) == sorted(want)
   for i, e in want.items():
     got = seen[i]
@@ -193,7 +196,7 @@ def test_built_examples_pack_end_to_end(tmp_path):
   shapes = batch_lib.shapes_for_config(c, batch_size=1)
   n_segments = n_tiles = 0
   for row in rows:
-    batch_lib.check({k: v[None] for k, v in row.items() if k != "num_skipped"}, shapes)
+    batch_lib.check({k: v[None] for k, v in row.items() if k not in packing.COUNT_FIELDS}, shapes)
     itp = row["image_token_positions"]
     used = itp[itp >= 0]
     np.testing.assert_array_equal(np.sort(used), np.flatnonzero(row["tokens"] == tok.image_id))

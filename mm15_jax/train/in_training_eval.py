@@ -20,6 +20,7 @@ import os
 import jax
 import numpy as np
 
+from data_pipelines import packing
 from mm15_jax.evaluation import builtin_eval
 
 SUMS = ("loss_sum", "correct", "count", "exact", "examples")  # what step.eval_step returns
@@ -35,7 +36,7 @@ def eval_sums(eval_fn, params, batches, put) -> dict:
   """The eval step's sums over host batches, accumulated in float64 on the host."""
   totals = dict.fromkeys(SUMS, 0.0)
   for host_batch in batches:
-    host_batch = {k: v for k, v in host_batch.items() if k != "num_skipped"}
+    host_batch = {k: v for k, v in host_batch.items() if k not in packing.COUNT_FIELDS}
     out = jax.device_get(eval_fn(params, put(host_batch)))
     for k in SUMS:
       totals[k] += float(out[k])

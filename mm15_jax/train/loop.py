@@ -153,6 +153,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         seconds = timing["step_seconds"]
         metrics.update(
             timing, tokens_per_s=tokens_per_step / seconds, skipped_records=batches.skipped_records,
+            overlong_records=batches.overlong_records,
             skipped_steps=check_finite(done), mfu=flops_lib.mfu(step_flops, seconds, peak, jax.device_count()))
         if first_timed:
           metrics["includes_compile"] = 1  # the first window holds the compile

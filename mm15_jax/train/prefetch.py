@@ -13,6 +13,7 @@ import json
 import jax
 import numpy as np
 
+from data_pipelines import packing
 from mm15_jax import batch as batch_lib
 
 
@@ -24,13 +25,14 @@ class DevicePrefetcher:
     self._depth = max(depth, 1)
     self._expected = expected_local
     self._queue = collections.deque()
-    self.skipped_records = 0  # corrupt/malformed records met by the batches consumed so far
+    # Records the batches consumed so far went without: corrupt/malformed, and too long.
+    self.skipped_records = self.overlong_records = 0
 
   def _fill(self):
     while len(self._queue) < self._depth:
       state = self._it.get_state()
       host_batch = dict(next(self._it))
-      skipped = int(np.sum(host_batch.pop("num_skipped", 0)))  # a count, not a model input
+      skipped = [int(np.sum(host_batch.pop(k, 0))) for k in packing.COUNT_FIELDS]  # counts, not model inputs
       if self._expected is not None:
         batch_lib.check(host_batch, self._expected)
       self._queue.append((state, self._put(host_batch), skipped))
@@ -41,7 +43,8 @@ class DevicePrefetcher:
   def __next__(self):
     self._fill()
     _, device_batch, skipped = self._queue.popleft()
-    self.skipped_records += skipped
+    self.skipped_records += skipped[0]
+    self.overlong_records += skipped[1]
     self._fill()  # dispatch the next transfers before the caller's step
     return device_batch
 
