@@ -113,8 +113,9 @@ def main():
   parser.add_argument("--scan_unroll", type=int, default=1)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=0)
-  parser.add_argument("--loss_chunk", type=int, default=0,
-                      help="config.train.loss_chunk: LM head + cross-entropy this many positions at a time")
+  parser.add_argument("--loss_chunk", type=int, default=None,
+                      help="config.train.loss_chunk (default: the config's): LM head + cross-entropy this many "
+                           "positions at a time with a fused backward; 0: whole logits")
   parser.add_argument("--xla_flops", default="auto", choices=["auto", "on", "off"],
                       help="cross-check the FLOP formula against XLA's count (a second, unrolled compile); "
                            "auto: on CPU only")
@@ -124,7 +125,8 @@ def main():
   if args.batch:
     config.train.batch_size = args.batch
   config.model.scan_unroll = args.scan_unroll
-  config.train.loss_chunk = args.loss_chunk
+  if args.loss_chunk is not None:
+    config.train.loss_chunk = args.loss_chunk
   mesh = shd.make_mesh(config.mesh)
   setup = state_lib.make_setup(config, mesh)
   state = state_lib.init_state(setup)
@@ -160,7 +162,7 @@ def main():
   result = dict(
       preset=args.preset, device=jax.devices()[0].device_kind, devices=n_dev, backend=jax.default_backend(),
       attention=args.attention, remat=config.model.remat, scan_unroll=args.scan_unroll,
-      loss_chunk=args.loss_chunk, dtype=config.model.dtype,
+      loss_chunk=config.train.loss_chunk, dtype=config.model.dtype,
       params=counts["total"], batch=config.train.batch_size, seq=config.data.seq_len,
       step_s=seconds, tokens_per_s=tokens / seconds, compile_s=compile_s,
       model_tflops_per_s=step_flops / seconds / 1e12,

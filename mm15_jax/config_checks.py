@@ -31,9 +31,9 @@ def check_config(config, mesh=None, tokenizer=None) -> None:
   if t.grad_accum < 1 or t.batch_size % t.grad_accum:
     errors.append(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
   chunk = t.get("loss_chunk", 0)
-  if chunk < 0 or (chunk and config.data.seq_len % chunk):
-    errors.append(f"train.loss_chunk={chunk} must be 0 (whole logits) or divide data.seq_len={config.data.seq_len}, "
-                  f"e.g. {math.gcd(config.data.seq_len, 512)}")
+  if chunk < 0 or (0 < chunk < config.data.seq_len and config.data.seq_len % chunk):
+    errors.append(f"train.loss_chunk={chunk} must be 0 (whole logits), >= data.seq_len={config.data.seq_len} or "
+                  f"divide it, e.g. {math.gcd(config.data.seq_len, chunk)}")
   if t.nan_policy not in ("stop", "skip"):
     errors.append(f"train.nan_policy={t.nan_policy!r}: use 'stop' or 'skip'")
   try:
