@@ -73,6 +73,24 @@ def test_sharded_mesh_decodes_like_one_device(dense):
       PROMPTS, images(), max_new_tokens=6)
 
 
+def test_answers_do_not_depend_on_the_steps_per_device_call(dense):
+  """Decoding runs several steps per device call; step i always draws with step i's key, and a
+  row that stops mid-run (stop id or string) keeps exactly the tokens before it."""
+  imgs = images()
+  sampled = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+  want = dense.generate_tokens(PROMPTS, imgs, **sampled)
+  stop_id = want[0][4]  # a token the first row samples mid-way
+  stop_text = dense.tokenizer.decode(want[1][2:4])
+  for count in (1, 3):
+    other = load_model(dense.config, devices=ONE_CPU, steps_per_call=count)
+    assert other.generate_tokens(PROMPTS, imgs, **sampled) == want
+    assert other.generate_tokens(PROMPTS, imgs, stop=stop_id, **sampled) == dense.generate_tokens(
+        PROMPTS, imgs, stop=stop_id, **sampled)
+    assert other.generate_batch(PROMPTS, imgs, stop=stop_text, **sampled) == dense.generate_batch(
+        PROMPTS, imgs, stop=stop_text, **sampled)
+  assert len(dense.generate_tokens(PROMPTS, imgs, stop=stop_id, **sampled)[0]) == want[0].index(stop_id)
+
+
 def test_nucleus_sampling_frequencies():
   logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
   keys = jax.random.split(jax.random.key(0), 4000)

@@ -53,7 +53,9 @@ def _inference_config(config):
 class Model:
   """Params on a mesh plus the jitted passes; see the module docstring."""
 
-  def __init__(self, config, params, tokenizer, mesh, graphdef, rest):
+  def __init__(self, config, params, tokenizer, mesh, graphdef, rest, *,
+               steps_per_call: int = decode_lib.STEPS_PER_CALL):
+    """steps_per_call: decoding steps per device call (decode.py); the answers do not depend on it."""
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.rules = tuple(config.sharding_rules)
     # tokenizer None (config.data.tokenizer="none", e.g. an import without a tokenizer file):
@@ -61,7 +63,8 @@ class Model:
     self.builder = data_pipelines.ExampleBuilder.from_config(config, tokenizer) if tokenizer else None
     self.tile, self.k = config.model.vit.image_size, config.model.connector.tokens_per_tile
     self._prefill = decode_lib.jit_prefill(graphdef, rest, mesh, self.rules)
-    self._step = decode_lib.jit_step(graphdef, rest, mesh, self.rules)
+    self.steps_per_call = steps_per_call
+    self._steps = decode_lib.jit_steps(graphdef, rest, mesh, self.rules, steps_per_call)
     self._forward = decode_lib.jit_forward(graphdef, rest, mesh, self.rules)
     self.batch_shards = shd.axis_size(shd.logical_to_mesh(("batch",), self.rules, mesh)[0], mesh)
 
@@ -139,9 +142,9 @@ class Model:
     stop_strings = [s for s in stop if isinstance(s, str)]
     length = prompt_lib.bucket(max(len(ex["tokens"]) for ex in examples))
     batch = self._place(self._arrays(examples, length))
+    max_len = prompt_lib.bucket(decode_lib.cache_length(length, max_new_tokens, self.steps_per_call))
     return decode_lib.generate_ids(
-        self._prefill, self._step, self.params, batch, len(examples),
-        max_len=prompt_lib.bucket(length + max_new_tokens), max_new_tokens=max_new_tokens,
+        self._prefill, self._steps, self.params, batch, len(examples), max_len=max_len, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, stop_ids=stop_ids, stop_strings=stop_strings,
         decode=self.tokenizer.decode, with_logits=with_logits)
 
@@ -178,7 +181,8 @@ def _abstract(config, devices=None):
   return (mesh, *state_lib.abstract_params(config, mesh))
 
 
-def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None) -> Model:
+def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None,
+               steps_per_call: int = decode_lib.STEPS_PER_CALL) -> Model:
   """config: a ConfigDict or an experiment spec "FILE[:arg]"; checkpoint_dir: a run's workdir,
   its checkpoints/ directory or one step directory (the latest complete step; params only),
   or None for a random init (config.seed). devices: the mesh's devices (default all)."""
@@ -191,4 +195,4 @@ def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None) -> 
   # A checkpoint of some parts only (an import) gets the others fresh from config.seed.
   params = init() if checkpoint_dir is None else ckpt_lib.load_params(str(checkpoint_dir), abstract, init=init)
   tokenizer = tokenizer or data_pipelines.tokenizer_for_config(config, required=False)
-  return Model(config, params, tokenizer, mesh, graphdef, rest)
+  return Model(config, params, tokenizer, mesh, graphdef, rest, steps_per_call=steps_per_call)
