@@ -8,5 +8,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 run() { timeout 240 python3 benchmarks/train_step.py --steps=10 "$@" 2>&1 | grep '^{' | tee -a "$out"; }
 run --preset=llm_1b --attention=cudnn --remat=full
 run --preset=llm_1b --attention=cudnn --remat=dots
+run --preset=llm_1b --attention=cudnn --remat=dots --loss_chunk=0   # whole logits, for the fused loss's gain
 run --preset=llm_1b --attention=xla --remat=full
 run --preset=mm15_1b --attention=cudnn --remat=full
+timeout 240 python3 benchmarks/generation.py --experiment=experiments/mm15_1b.py --steps_per_call=1,8 2>&1 \
+  | grep '^{' | tee "${OUT:-.}/generation.jsonl"

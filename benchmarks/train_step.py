@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm15_jax import configs
+from mm15_jax import configs, plan
 from mm15_jax import sharding as shd
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import state as state_lib
@@ -80,7 +80,8 @@ def xla_step_flops(config, host_batch: dict, devices=None) -> float:
   work included.
 
   XLA's cost analysis counts a loop body once, not once per iteration, so the count is taken
-  from a second compile with the layer scans unrolled (same math). Custom calls (cuDNN or
+  from a second compile with the layer scans unrolled (same math), plus the LM-head chunks of
+  the fused loss that its loop leaves out (`plan.head_chunks_left_out`). Custom calls (cuDNN or
   splash attention) count zero. The count is per device; times the device count it is global
   (exact on one device).
   """
@@ -90,7 +91,8 @@ def xla_step_flops(config, host_batch: dict, devices=None) -> float:
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding(v.ndim))
            for k, v in host_batch.items()}
   compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, batch).compile()
-  return float(compiled.cost_analysis()["flops"]) * setup.mesh.size
+  # The fused loss's chunk loop is counted once too: its other chunks by formula, as the planner does.
+  return (float(compiled.cost_analysis()["flops"]) + plan.head_chunks_left_out(c, setup.mesh.size)) * setup.mesh.size
 
 
 def synthetic_batch(config, rng):

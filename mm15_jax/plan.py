@@ -23,7 +23,8 @@ What the report counts:
                    the compiler says it needed.
   FLOPs            XLA's cost analysis is per chip, and it counts the body of a loop once whatever its
                    trip count: our decoder and encoder are `scan`s over stacked layers, so the step as
-                   compiled counts one layer of each. A probe compiled with `scan_unroll=2` counts two:
+                   compiled counts one layer of each (and one chunk of the fused loss's loop, added
+                   by formula: `head_chunks_left_out`). A probe compiled with `scan_unroll=2` counts two:
                    the difference, one decoder and one encoder layer, is added for every layer left out,
                    split between the stacks by their model FLOPs (`probe_flops`). With remat the
                    compiled count includes the recomputation; the model count (train/flops.py, 6N +
@@ -223,7 +224,24 @@ def probe_flops(config, mesh, setup, scanned_flops: float) -> float:
   llm_unit, vit_layer = layer_model_flops(config, setup)
   units, depth = layer_units(config)
   left_out = ((units - 1) * llm_unit + (depth - 1) * vit_layer) / (llm_unit + vit_layer)
-  return config.train.grad_accum * (scanned_flops + left_out * (doubled - scanned_flops))
+  return config.train.grad_accum * (scanned_flops + left_out * (doubled - scanned_flops)) + head_chunks_left_out(
+      config, mesh.size)
+
+
+def head_chunks_left_out(config, chips: int) -> float:
+  """Per-chip FLOPs of the LM-head chunks XLA's count leaves out: the fused loss (train/loss.py)
+  loops over seq_len / loss_chunk chunks and is counted once, like a layer stack. Each chunk is
+  three matmuls of 2·tokens·d·vocab FLOPs (logits, and the gradients to the hidden state and
+  the head), spread evenly over the chips."""
+  from mm15_jax.train import step as step_lib
+
+  seq = config.data.seq_len
+  chunk = step_lib.loss_chunk(config, seq)
+  if not chunk:
+    return 0.0
+  llm = config.model.llm
+  head = 6 * config.train.batch_size * seq * llm.d_model * llm.vocab_size
+  return head * (1 - chunk / seq) / chips
 
 
 def accelerator_type(topology: str, chips: int) -> str:

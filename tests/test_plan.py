@@ -96,6 +96,19 @@ def test_flops_are_per_chip_and_count_every_layer(v5p_report):
 
 
 @needs_libtpu
+def test_flops_count_every_chunk_of_the_fused_loss(v5p_report):
+  """With train.loss_chunk=32 the LM head is a loop of 8 chunks that XLA counts once: the plan
+  adds the other 7 by formula, so the step's FLOPs stay those of the one-chunk step (256)."""
+  c = tiny(vit_depth=3)
+  c.train.loss_chunk = 32
+  r = plan_lib.plan(c, plan_lib.tpu_devices("v5p:2x2x1"), plan_lib.tpu_chip("v5p:2x2x1"), "v5p:2x2x1")
+  head = 6 * 8 * 256 * 64 * 512  # batch, tokens, d, vocab: per step, over the 4 chips
+  assert plan_lib.head_chunks_left_out(c, 4) == pytest.approx(head * 7 / 8 / 4)
+  assert r["flops_per_step"] == pytest.approx(v5p_report["flops_per_step"], rel=0.01)
+  assert r["xla_as_reported"]["flops_per_chip"] < v5p_report["xla_as_reported"]["flops_per_chip"] - head / 8 / 4
+
+
+@needs_libtpu
 def test_cli_json_and_a_case_that_does_not_fit(capsys):
   argv = ["plan", f"--config={TINY}", "--config.train.batch_size=4", "--topology=v5e:2x2",
           "--device_memory_gib=0.01", "--noprobe", "--json"]

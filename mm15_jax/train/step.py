@@ -18,9 +18,9 @@ from mm15_jax.train.state import TrainSetup
 MODEL_INPUTS = ("tokens", "positions", "segment_ids", "images", "image_token_positions")
 
 
-def loss_chunk(config, batch) -> int:
-  """Positions per LM-head chunk (train.loss_chunk, at most the batch's length); 0: whole logits."""
-  return min(config.train.get("loss_chunk", 0), batch["tokens"].shape[1])
+def loss_chunk(config, length: int) -> int:
+  """Positions per LM-head chunk (train.loss_chunk, at most the sequence `length`); 0: whole logits."""
+  return min(config.train.get("loss_chunk", 0), length)
 
 
 def _forward_sums(setup: TrainSetup, params, batch):
@@ -30,7 +30,7 @@ def _forward_sums(setup: TrainSetup, params, batch):
   the sum like the cross-entropy does, so the final objective is mean CE + weighted aux.
   """
   model = nnx.merge(setup.graphdef, params, setup.rest)
-  chunk = loss_chunk(setup.config, batch)
+  chunk = loss_chunk(setup.config, batch["tokens"].shape[1])
   if chunk:
     hidden, moe_aux = model(*(batch[k] for k in MODEL_INPUTS), return_aux=True, head=False)
     objective, loss_sum, z_sum, correct = fused_cross_entropy(
@@ -128,7 +128,7 @@ def eval_step(setup: TrainSetup, params: dict, batch: dict):
   is the argmax given the correct prefix. Examples are the packed segments of each row.
   """
   model = nnx.merge(setup.graphdef, params, setup.rest)
-  chunk = loss_chunk(setup.config, batch)
+  chunk = loss_chunk(setup.config, batch["tokens"].shape[1])
   if chunk:
     hidden = model(*(batch[k] for k in MODEL_INPUTS), head=False)
     nll, _, hit = chunked_token_terms(hidden, model.llm.head_weight(), batch["targets"], chunk)
