@@ -72,6 +72,27 @@ def test_chunked_loss_gives_the_whole_logits_loss_and_grads(tie):
     np.testing.assert_allclose(eval1[key], eval0[key], rtol=1e-5, err_msg=key)
 
 
+def test_bfloat16_fused_gradients_are_as_close_to_float32_as_xlas():
+  """In bf16 compute the fused backward rounds where XLA's gradient of the whole logits does:
+  against the float32 step, its error per param is that of the bf16 whole-logits step."""
+  config = tiny_config(**{"train.z_loss": 1e-3})
+  batch = host_batch(config)
+  grads = {}
+  for dtype, chunk in (("float32", 0), ("bfloat16", 0), ("bfloat16", 32)):
+    config.model.dtype, config.train.loss_chunk = dtype, chunk
+    setup = setup_on(config, MESH)
+    params = state_lib.init_state(setup)["params"]
+    grads[dtype, chunk] = jax.device_get(step_lib.jit_loss_and_grads(setup)(params, place(setup, batch))[2])
+  reference = jax.tree_util.tree_leaves_with_path(grads["float32", 0])
+  for (path, want), xla, fused in zip(reference, jax.tree.leaves(grads["bfloat16", 0]),
+                                      jax.tree.leaves(grads["bfloat16", 32])):
+    scale = np.linalg.norm(want)
+    if scale < 1e-6:  # a gradient zero in exact arithmetic (a key bias: softmax ignores it)
+      continue
+    xla_error, fused_error = np.linalg.norm(xla - want) / scale, np.linalg.norm(fused - want) / scale
+    assert fused_error < 1.3 * xla_error + 2e-3, (jax.tree_util.keystr(path), fused_error, xla_error)
+
+
 def test_chunks_keep_the_logits_out_of_memory():
   """Growing the vocabulary 512 -> 16384 adds [batch, length, vocab] float32 arrays to the
   whole-logits step's temporaries, and at most a few chunks' worth to the chunked step's
