@@ -190,6 +190,10 @@ def mm15(size: str = "3b", stage: str = "pretrain") -> ml_collections.ConfigDict
   c.train.weight_decay = 0.1
   c.train.warmup_steps = 2000 if stage == "pretrain" else 500
   c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1)
+  # Whole logits for the pod recipes: on v5p the fused loss leaves a paper size's memory as it is
+  # (the peak is in the layers) and XLA's cost model does not favour it (benchmarks/RESULTS.md,
+  # "Pod plans"); it pays on CPU and where the logits dominate (a 150k vocabulary).
+  c.train.loss_chunk = 0
   return c
 
 
@@ -245,7 +249,7 @@ def base() -> ml_collections.ConfigDict:
       z_loss=0.0,
       # > 0: the LM head and cross-entropy run this many positions at a time (at most
       # data.seq_len, which it must then divide) with a fused backward (train/loss.py): the
-      # [batch, length, vocab] float32 logits never exist, and on CPU the step is ~1.45x faster
+      # [batch, length, vocab] float32 logits never exist, and on CPU the step is ~1.4x faster
       # (benchmarks/RESULTS.md). 0: whole logits, differentiated by XLA.
       loss_chunk=512,
       trainable="all",  # "all" | comma list of vit,connector,llm
