@@ -15,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mm15_jax.sharding import constrain
+
 
 def token_terms(logits, targets):
   """Per position: (nll, log_z, correct) float32 [batch, length] of float32 logits."""
@@ -43,7 +45,9 @@ def _chunks(x, chunk: int):
 
 
 def _logits(h, head):
-  return jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+  """One chunk's float32 logits, sharded as the LM head's are (vocab over the tensor axis)."""
+  return constrain(jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32),
+                   ("batch", "length", "vocab"))
 
 
 def chunked_token_terms(hidden, head, targets, chunk: int):
