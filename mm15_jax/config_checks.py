@@ -74,9 +74,13 @@ def eval_and_profile_errors(config) -> list[str]:
   if e.best_mode not in ("min", "max"):
     errors.append(f"eval.best_mode={e.best_mode!r}: use 'min' (lower is better) or 'max'")
   if e.best_metric:
-    names = in_training_eval.metric_names(config.data.sources)
+    names = in_training_eval.metric_names(config)
     if e.best_metric not in names:
+      held_out = len(in_training_eval.METRICS) * (1 + len(config.data.sources))  # overall, then per source
+      generated = (f", or a generation accuracy {names[held_out:]}" if names[held_out:] else
+                   "; generation accuracies (task_accuracy, task/<task>) need eval.generate_per_task > 0 and "
+                   "built-in data.sources")
       errors.append(f"eval.best_metric={e.best_metric!r} is not an eval metric; use one of {names[:4]} or "
-                    f"'<source>/<metric>' for a source of data.sources, e.g. {names[-1]!r}")
+                    f"'<source>/<metric>' for a source of data.sources, e.g. {names[held_out - 1]!r}{generated}")
   errors += profiling.check_steps(config.profile, config.train.steps)
   return errors

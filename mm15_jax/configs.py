@@ -263,8 +263,9 @@ def base() -> ml_collections.ConfigDict:
   c.init = dict(from_checkpoint="", llm_from="", vit_from="")
   # every=0: evaluate only at the end. generate_per_task > 0: after training, answer that many
   # held-out questions per built-in task by generation (accuracy per task, a grounding PNG).
-  # best_metric (e.g. "loss"; "" = off) keeps the best in-training eval's checkpoint under
-  # WORKDIR/best, lower is better unless best_mode="max".
+  # best_metric (e.g. "loss", "qa/loss", or with generation "task_accuracy", "task/ground";
+  # "" = off) keeps the best in-training eval's checkpoint under WORKDIR/best, lower is better
+  # unless best_mode="max".
   c.eval = dict(every=0, batches=4, generate_per_task=0, best_metric="", best_mode="min")
   # Trace step indices [start, end) (0-based: the step logged as N is index N-1) with jax.profiler
   # into WORKDIR/profile (TensorBoard/XProf);

@@ -101,6 +101,25 @@ def test_bad_eval_and_profile_settings_fail_before_compiling():
     with pytest.raises(ValueError, match=field.replace("(", r"\(").replace(")", r"\)")):
       check_config(two_source_config(**overrides))
   check_config(two_source_config(**{"eval.best_metric": "text_chat/perplexity", "profile.steps": (2, 4)}))
+  # Generation accuracies are metrics only where generation runs.
+  with pytest.raises(ValueError, match=r"eval.best_metric='task/qa'.*need eval.generate_per_task > 0"):
+    check_config(two_source_config(**{"eval.best_metric": "task/qa"}))
+  for name in ("task/qa", "task/text_chat", "task_accuracy"):
+    check_config(two_source_config(**{"eval.best_metric": name, "eval.generate_per_task": 2}))
+
+
+def test_best_checkpoint_by_generation_accuracy(tmp_path):
+  """eval.best_metric="task_accuracy": the mean of each eval's generation accuracies picks the step."""
+  config = two_source_config(**{"eval.every": 1, "eval.batches": 1, "eval.generate_per_task": 2,
+                                "eval.best_metric": "task_accuracy", "eval.best_mode": "min"})
+  config.train.steps, config.train.warmup_steps, config.checkpoint.async_save = 3, 1, False
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  tasks = rows(tmp_path, "eval_tasks")
+  assert [r["step"] for r in tasks] == [1, 2, 3] and {"qa", "text_chat"} <= set(tasks[0])
+  means = [(r["qa"] + r["text_chat"]) / 2 for r in tasks]
+  record = read_record(str(tmp_path))
+  assert record["metric"] == "task_accuracy" and record["value"] == pytest.approx(min(means))
+  assert record["step"] == tasks[means.index(min(means))]["step"]
 
 
 def best_run(workdir, steps):

@@ -9,7 +9,8 @@ batches of that source's eval split give one row of metrics.jsonl (kind "eval"):
 The overall numbers divide the summed sums, so they are the token-weighted mean of the
 sources (exact match: example-weighted), not a mean of their means. Perplexity is exp(loss).
 With `eval.generate_per_task` > 0 and only built-in sources, the evaluation module's
-generation accuracy per task is logged beside it (kind "eval_tasks").
+generation accuracy per task is logged beside it (kind "eval_tasks"); eval.best_metric may
+name it (`task/<task>`, or `task_accuracy`: the mean over tasks).
 
 Every pass reads the same batches and sums in a fixed order, so a fixed checkpoint gives the
 same numbers every time.
@@ -27,9 +28,19 @@ SUMS = ("loss_sum", "correct", "count", "exact", "examples")  # what step.eval_s
 METRICS = ("loss", "perplexity", "token_accuracy", "exact_match")  # the names eval.best_metric may use
 
 
-def metric_names(source_names) -> list[str]:
-  """Every metric an eval row has that eval.best_metric may name."""
-  return list(METRICS) + [f"{s}/{m}" for s in source_names for m in METRICS]
+def metric_names(config) -> list[str]:
+  """Every metric an evaluation gives that eval.best_metric may name: the held-out ones, and
+  with generation (eval.generate_per_task > 0, built-in sources) task_accuracy and task/<task>."""
+  names = list(METRICS) + [f"{s}/{m}" for s in config.data.sources for m in METRICS]
+  if config.eval.generate_per_task and all_builtin(config):
+    names += ["task_accuracy"] + [f"task/{t}" for t in builtin_eval.config_tasks(config)]
+  return names
+
+
+def task_metrics(accuracy: dict) -> dict:
+  """Generation accuracy per task -> the names eval.best_metric may use: task/<task> each, and
+  task_accuracy, their mean (each task weighs the same)."""
+  return {**{f"task/{t}": a for t, a in accuracy.items()}, "task_accuracy": float(np.mean(list(accuracy.values())))}
 
 
 def eval_sums(eval_fn, params, batches, put) -> dict:

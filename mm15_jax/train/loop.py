@@ -108,6 +108,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
       if generation is not None:
         result["tasks"] = generation(state["params"], report=final)
         writer.write(step, result["tasks"], kind="eval_tasks")
+        result.update(in_training_eval.task_metrics(result["tasks"]))  # eval.best_metric may name them
       if best is not None and best.update(step, result, state["params"]):
         writer.message(f"best checkpoint: step {step}, {best.metric} {best.record['value']:.4f} -> {best.directory}")
       return result
