@@ -70,9 +70,14 @@ class JsonTokenizer:
     self.__init__(state["tokenizer_json"], state["special"], name=state["name"])
 
 
+def config_path(tokenizer_path: str) -> str:
+  """Where a tokenizer.json's tokenizer_config.json (its special tokens) lies: beside it."""
+  return os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), "tokenizer_config.json")
+
+
 def read_config(tokenizer_path: str) -> dict:
   """The tokenizer_config.json beside a tokenizer.json ({} if there is none)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), "tokenizer_config.json")
+  path = config_path(tokenizer_path)
   if not os.path.isfile(path):
     return {}
   with open(path) as f:

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 
 from data_pipelines import tokenizer as tokenizer_lib
+from data_pipelines import tokenizer_json
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import configs
 from mm15_jax.convert import public_decoder, public_moe_decoder, tensor_map
@@ -63,7 +64,7 @@ def tokenizer_files(source: str):
   if not source.endswith(".json"):
     return {"tokenizer.model": source}, tok
   files = {"tokenizer.json": source}
-  beside = os.path.join(os.path.dirname(os.path.abspath(source)), "tokenizer_config.json")
+  beside = tokenizer_json.config_path(source)
   if os.path.isfile(beside):
     files["tokenizer_config.json"] = beside
   return files, tok

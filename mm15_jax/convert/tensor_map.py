@@ -20,7 +20,6 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -129,7 +128,10 @@ def place_layers(target, sharding, layer_piece):
   per_layer = _layer_sharding(sharding)
   if per_layer is None:
     return None
-  value = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=sharding)()
+  # Zero shards from the host (calloc'd pages, no compile per param), then donated layer by layer.
+  # (a fresh array per device: a buffer the donation below writes into must be its own).
+  shard_shape = sharding.shard_shape(target.shape)
+  value = jax.make_array_from_callback(target.shape, sharding, lambda index: np.zeros(shard_shape, target.dtype))
   for i in range(target.shape[0]):
     layer = jax.make_array_from_callback(target.shape[1:], per_layer, functools.partial(layer_piece, i))
     value = _write_layer(value, layer, np.int32(i))
