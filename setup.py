@@ -41,6 +41,7 @@ setuptools.setup(
             "mm15-train=mm15_jax.train.main:run",
             "mm15-summary=mm15_jax.summary:run",
             "mm15-plan=mm15_jax.plan:run",
+            "mm15-recipe=mm15_jax.recipe:run",
         ],
     },
 )

@@ -4,6 +4,7 @@ r"""JSONL + image files, Parquet or WebDataset shards -> sharded ArrayRecord, th
       --out=data/ar/sft --shards=8
   python -m data_pipelines.convert --parquet='/data/obelics/*.parquet' --out=data/ar/obelics --shards=64
   python -m data_pipelines.convert --webdataset='/data/llava-{000000..000099}.tar' --out=data/ar/llava
+  python -m data_pipelines.convert --jsonl=data/clips.jsonl --frames=24 --out=data/ar/video   # MM1.5-Video
 
 writes data/ar/sft-00000-of-00008.array_record ... and data/ar/sft.index.json (shard
 names, records per shard and per kind, skip counts); `sources.ArrayRecordSource(
@@ -13,7 +14,9 @@ contiguous blocks, so reading the shards in order gives the good items in input 
 items (bad JSON, malformed, missing or, with --check_images, undecodable images, URL images)
 are skipped and counted, never a crash. Shards are written under temporary names and renamed
 once all are complete; the index is renamed last, so its presence means the conversion
-finished. Parquet options (--image_root, --layout, --fields) are ParquetSource's.
+finished. Parquet options (--image_root, --layout, --fields) are ParquetSource's. JSONL video
+lines (sources.JsonlSource) are sampled to --frames frames here, stored as the images of a
+multi_image record, so the ArrayRecord holds exactly the frames training and inference see.
 """
 import collections
 import json
@@ -31,13 +34,14 @@ MAX_EXAMPLES = 20  # skip reasons kept verbatim in the summary
 
 
 def open_input(jsonl: str | None = None, *, parquet=None, webdataset=None, image_root: str | None = None,
-               fields: dict | None = None, layout: str | None = None) -> tuple[str, str | list, object]:
+               fields: dict | None = None, layout: str | None = None,
+               frames: int | None = None) -> tuple[str, str | list, object]:
   """Exactly one input -> (format, description, source of serialised records)."""
   given = [name for name, value in (("jsonl", jsonl), ("parquet", parquet), ("webdataset", webdataset)) if value]
   if len(given) != 1:
     raise ValueError(f"give exactly one input of --jsonl, --parquet, --webdataset; got {given or 'none'}")
   if jsonl:
-    return "jsonl", os.path.abspath(jsonl), sources.JsonlSource(jsonl, image_root)
+    return "jsonl", os.path.abspath(jsonl), sources.JsonlSource(jsonl, image_root, frames=frames)
   patterns = parquet or webdataset
   patterns = [os.fspath(patterns)] if isinstance(patterns, (str, os.PathLike)) else [os.fspath(p) for p in patterns]
   description = patterns[0] if len(patterns) == 1 else patterns
@@ -49,15 +53,17 @@ def open_input(jsonl: str | None = None, *, parquet=None, webdataset=None, image
 
 def convert(jsonl: str | None, out: str, *, shards: int = 1, image_root: str | None = None,
             check_images: bool = True, parquet=None, webdataset=None, fields: dict | None = None,
-            layout: str | None = None) -> dict:
+            layout: str | None = None, frames: int | None = None) -> dict:
   """Writes the shards and the index; returns the summary (also the index's contents).
 
   The input is `jsonl`, or (jsonl=None) `parquet` / `webdataset`: a glob, brace pattern or list.
+  frames: JSONL video lines' frames to sample (default video_frames.DEFAULT_FRAMES, 24).
   """
   if shards < 1:
     raise ValueError(f"--shards={shards} must be >= 1")
   input_format, description, source = open_input(jsonl, parquet=parquet, webdataset=webdataset,
-                                                 image_root=image_root, fields=fields, layout=layout)
+                                                 image_root=image_root, fields=fields, layout=layout,
+                                                 frames=frames)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   finals = [sources.shard_name(out, s, shards) for s in range(shards)]
   temps = [f"{path}.tmp-{os.getpid()}" for path in finals]
@@ -127,6 +133,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", None, "Output prefix DIR/name; shards are DIR/name-SSSSS-of-NNNNN.array_record.")
   flags.DEFINE_integer("shards", 1, "Number of ArrayRecord shards.")
   flags.DEFINE_bool("check_images", True, "Decode every image and skip items whose images fail.")
+  flags.DEFINE_integer("frames", None, "Frames sampled per JSONL video line (default 24, MM1.5-Video; "
+                       "use the experiment's config.video.frames).")
 
 
 def main(argv):
@@ -137,7 +145,7 @@ def main(argv):
     raise app.UsageError("--out and one of --jsonl, --parquet, --webdataset are required")
   summary = convert(args.jsonl, args.out, parquet=args.parquet, webdataset=args.webdataset, shards=args.shards,
                     image_root=args.image_root, check_images=args.check_images, fields=parse_fields(args.fields),
-                    layout=args.layout)
+                    layout=args.layout, frames=args.frames)
   json.dump(summary, sys.stdout, indent=1)
   print()
 

@@ -22,7 +22,7 @@ grain's worker processes run.
 
 import grain
 
-from data_pipelines import builtin, records, sequence
+from data_pipelines import builtin, records
 from data_pipelines import sources as sources_lib
 from data_pipelines.sequence import ExampleBuilder
 
@@ -63,7 +63,9 @@ def make_source(name: str, spec, config, split: str):
     path = _field(spec, "eval_path" if is_eval else "path")
     if not path:
       raise ValueError(f"{where}: kind='jsonl' needs {'eval_path' if is_eval else 'path'}")
-    return sources_lib.JsonlSource(path, _field(spec, "image_root"))
+    # Video lines are sampled to the source's `frames`, else config.video.frames (mm15_video.py).
+    frames = _field(spec, "frames") or _field(_field(config, "video") or {}, "frames")
+    return sources_lib.JsonlSource(path, _field(spec, "image_root"), frames=frames)
   raise ValueError(f"{where}.kind={kind!r}: expected one of {KINDS}")
 
 
@@ -94,7 +96,8 @@ def mixed_records(config, split: str = "train") -> grain.MapDataset:
 
 
 class ToExample:
-  """Record or serialised record -> sequence Example; bad input becomes a counted skip.
+  """Record or serialised record -> sequence Example; a dropped record becomes a placeholder
+  with its reason (sequence.DROP_REASONS), which packing counts.
 
   Picklable, so it runs in grain's worker processes.
   """
@@ -108,6 +111,5 @@ class ToExample:
       if record is None:
         record = dict(skipped=1, reason=reason)
       item = record
-    example = self.builder(item)
-    # None (too long) would vanish in a MapDataset; a placeholder reaches packing, which counts it.
-    return sequence.placeholder(self.builder.tile, sequence.TOO_LONG) if example is None else example
+    # build, not the builder's call: a None (too long) would vanish in a MapDataset uncounted.
+    return self.builder.build(item)

@@ -18,9 +18,11 @@ each packed row into the batch row:
   num_skipped  int32 scalar: an extra field besides the schema, the number of corrupt or
       malformed records (sequence.Example skipped=MALFORMED) that fell to this row;
   num_overlong int32 scalar: likewise the records dropped as longer than a row (with
-      data.overlong="drop", or a truncation that kept no trained token: the builder's None,
-      a TOO_LONG placeholder by mixture.ToExample).
-  COUNT_FIELDS names both: counts for the logs, not model inputs.
+      data.overlong="drop", or a truncation that kept no trained token: placeholders of
+      ExampleBuilder.build, skipped=TOO_LONG).
+  num_dropped  int32 [len(sequence.DROP_REASONS)]: the same records by reason
+      (Example drop_reason; DROP_REASONS[i] for entry i): num_skipped + num_overlong in all.
+  COUNT_FIELDS names them: counts for the logs, not model inputs.
 
 A skipped example has no tokens and no tiles: it takes no room and only leaves a gap in
 the packer's segment numbering, which the row map closes.
@@ -33,7 +35,7 @@ from data_pipelines import sequence
 from data_pipelines import tokenizer as tokenizer_lib
 
 DEFAULT_BINS = 8
-COUNT_FIELDS = ("num_skipped", "num_overlong")
+COUNT_FIELDS = ("num_skipped", "num_overlong", "num_dropped")
 
 
 def _get(d, key, default):
@@ -92,7 +94,21 @@ class RowFromPacked:
                 positions=np.where(used, pos, 0).astype(np.int32), images=images,
                 image_token_positions=image_token_positions,
                 num_skipped=np.int32(np.sum(np.asarray(p["skipped"]) == sequence.MALFORMED)),
-                num_overlong=np.int32(np.sum(np.asarray(p["skipped"]) == sequence.TOO_LONG)))
+                num_overlong=np.int32(np.sum(np.asarray(p["skipped"]) == sequence.TOO_LONG)),
+                num_dropped=dropped_by_reason(p["drop_reason"]))
+
+
+def dropped_by_reason(codes) -> np.ndarray:
+  """int32 [len(DROP_REASONS)]: how many of the codes (Example drop_reason, 0 = none) name each reason."""
+  n = len(sequence.DROP_REASONS)
+  return np.bincount(np.asarray(codes, np.int64).reshape(-1), minlength=n + 1)[1:n + 1].astype(np.int32)
+
+
+def _with_drop_reason(ex: dict) -> dict:
+  """Examples made without drop_reason (by hand, older builders) get it from skipped."""
+  if "drop_reason" in ex:
+    return ex
+  return dict(ex, drop_reason=np.int32(ex["skipped"]))  # MALFORMED -> malformed, TOO_LONG -> too_many_tokens
 
 
 def pack(ds: grain.IterDataset, *, seq_len: int, max_tiles: int, image_size: int, tokens_per_tile: int,
@@ -104,11 +120,11 @@ def pack(ds: grain.IterDataset, *, seq_len: int, max_tiles: int, image_size: int
   (num_bins * max_tiles * S * S * 3 bytes of tiles).
   """
   ds = ds.filter(lambda ex: ex is not None)
-  ds = ds.map(_CheckFits(seq_len, max_tiles, tokens_per_tile))
+  ds = ds.map(_CheckFits(seq_len, max_tiles, tokens_per_tile)).map(_with_drop_reason)
   k = tokens_per_tile
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=dict(tokens=seq_len, loss_on=seq_len, image_slots=max_tiles * k, tiles=max_tiles),
-      num_packing_bins=num_bins, seed=seed, shuffle_bins=shuffle_bins, meta_features=("skipped",))
+      num_packing_bins=num_bins, seed=seed, shuffle_bins=shuffle_bins, meta_features=("skipped", "drop_reason"))
   return ds.map(RowFromPacked(seq_len, max_tiles, image_size, tokens_per_tile))
 
 

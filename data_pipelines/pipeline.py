@@ -6,8 +6,10 @@
 
 Each batch is a dict of NumPy arrays in the schema of mm15_jax/batch.py, with the batch
 dimension host-local (config.train.batch_size // process_count); the trainer builds global
-arrays with `jax.make_array_from_process_local_data`. One extra field, `num_skipped` [B],
-counts corrupt or malformed records met while filling each row; the trainer strips it.
+arrays with `jax.make_array_from_process_local_data`. Extra fields (packing.COUNT_FIELDS)
+count the records dropped while filling each row: `num_skipped` [B] corrupt or malformed,
+`num_overlong` [B] too long, `num_dropped` [B, len(sequence.DROP_REASONS)] both by reason;
+the trainer strips them and logs their totals.
 
 Sharding the mixed records by index before any decoding means each process reads only its
 own records. The iterator from `iter(make_train_dataset(...))` is checkpointable
@@ -17,7 +19,7 @@ own records. The iterator from `iter(make_train_dataset(...))` is checkpointable
 import grain
 import numpy as np
 
-from data_pipelines import mixture, packing
+from data_pipelines import mixture, packing, sequence
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.sequence import ExampleBuilder
 
@@ -76,6 +78,7 @@ def padding_rows(config, rows: int) -> dict:
       image_token_positions=np.full((rows, tiles * k), -1, np.int32),
       num_skipped=np.zeros((rows,), np.int32),
       num_overlong=np.zeros((rows,), np.int32),
+      num_dropped=np.zeros((rows, len(sequence.DROP_REASONS)), np.int32),
   )
 
 

@@ -9,7 +9,8 @@ A decoded record is a dict:
             text: either only "text" messages or a text-only conversation.
             Each image is the literal IMAGE_MARKER inside content, in image order; the
             number of markers equals len(images).
-  images    decoded: uint8 [H, W, 3] arrays; serialised: encoded PNG/JPEG bytes.
+  images    decoded: uint8 [H, W, 3] arrays; serialised: encoded PNG/JPEG bytes. A video
+            clip is a multi_image record of its sampled frames (video_frames.py).
   category  str, "" if none ("text_rich", "refer_ground", "general", ...).
   coords    "image" when the text holds Ferret coordinates normalised to the record's
             single image (remapped to the AnyRes canvas later), else "none".

@@ -9,8 +9,10 @@ An Example (one record, unpacked; packing.py packs several into a batch row) is 
   tiles        uint8   [tiles, S, S, 3]  the AnyRes tiles of all images, in order
   kind_id      int32   scalar         records.KINDS index
   skipped      int32   scalar         MALFORMED: a placeholder for a corrupt/malformed record,
-                                      TOO_LONG: for one dropped as too long (packing makes
-                                      those of None), no tokens, no tiles; counted by packing
+                                      TOO_LONG: for one dropped as too long; no tokens, no
+                                      tiles; counted by packing
+  drop_reason  int32   scalar         a placeholder's reason in detail: index in DROP_REASONS
+                                      + 1 (0 for an example); packing counts each reason
 
 Token layout (each quoted span is encoded on its own; sentencepiece starts every span at a
 word boundary, so spans decode separated by a space, as they do through a byte-level BPE's
@@ -36,10 +38,20 @@ a block. Indicators (data.anyres.indicators), for image k (from 1) of grid rows 
 So `User:<image>... Assistant: red` is a one-image single-turn conversation with "none".
 
 Overlong (more than data.seq_len tokens or data.max_tiles tiles): data.overlong="drop"
-returns None (packing counts it as num_overlong); "truncate" keeps the longest prefix that fits and never
+drops it; "truncate" keeps the longest prefix that fits and never
 cuts an image block: the cut moves back to the start of the first block that does not fit
 (in tokens or tiles), and that image and all later ones are dropped with their tiles. An
-example left with nothing to train on is dropped (None).
+example left with nothing to train on is dropped. A dropped record's reason is
+too_many_tiles when its images need more than data.max_tiles tiles (whatever its length),
+else too_many_tokens. `ExampleBuilder.build` returns a placeholder with the reason for every
+dropped record; calling the builder returns None for overlong ones instead.
+
+Drop reasons (Example["drop_reason"] = index in DROP_REASONS + 1):
+  malformed        bad structure or fields (records.MalformedRecord, markers vs images, roles)
+  too_many_tokens  longer than data.seq_len
+  too_many_tiles   more tiles than data.max_tiles
+  corrupt_image    an image that cannot be read or decoded (records.CorruptImage)
+  url_image        an image given as a URL (nothing is downloaded)
 """
 
 import numpy as np
@@ -74,13 +86,33 @@ def _piece_ids(tokenizer, piece: str, text: str) -> list[int]:
   return [i] if i is not None else tokenizer.encode(text)
 
 
-MALFORMED, TOO_LONG = 1, 2  # Example["skipped"] of a placeholder: why its record has no example
+# Example["drop_reason"] of a placeholder: why its record has no example (0: a real example).
+DROP_REASONS = ("malformed", "too_many_tokens", "too_many_tiles", "corrupt_image", "url_image")
+MALFORMED, TOO_MANY_TOKENS, TOO_MANY_TILES, CORRUPT_IMAGE, URL_IMAGE = range(1, len(DROP_REASONS) + 1)
+OVERLONG_CODES = (TOO_MANY_TOKENS, TOO_MANY_TILES)  # the rest are skips (corrupt or malformed)
+# Example["skipped"]: the two totals the metrics always had (skipped_records, overlong_records).
+TOO_LONG = 2  # with MALFORMED = 1
+
+
+def coarse(reason: int) -> int:
+  """Example["skipped"] of a drop reason: TOO_LONG for overlong ones, MALFORMED for the rest, 0 for none."""
+  return 0 if not reason else TOO_LONG if reason in OVERLONG_CODES else MALFORMED
+
+
+def skip_code(reason: str | None) -> int:
+  """The drop code of a record that failed to decode, from records.decode_or_skip's reason
+  ("CorruptImage: ..." / "MalformedRecord: ..."; None: unknown, counted as malformed)."""
+  if reason and reason.startswith("CorruptImage"):
+    return URL_IMAGE if "is a URL" in reason else CORRUPT_IMAGE  # corpus_formats' URL message
+  return MALFORMED
 
 
 def placeholder(tile: int, reason: int, kind_id: int = -1) -> dict:
-  """An Example with no tokens and no tiles that stands for a record packing counts, not packs."""
+  """An Example with no tokens and no tiles that stands for a record packing counts, not packs.
+  reason: a drop reason code (MALFORMED, TOO_MANY_TOKENS, ...)."""
   return dict(tokens=np.zeros(0, np.int32), loss_on=np.zeros(0, np.float32), image_slots=np.zeros(0, np.int32),
-              tiles=np.zeros((0, tile, tile, 3), np.uint8), kind_id=np.int32(kind_id), skipped=np.int32(reason))
+              tiles=np.zeros((0, tile, tile, 3), np.uint8), kind_id=np.int32(kind_id),
+              skipped=np.int32(coarse(reason)), drop_reason=np.int32(reason))
 
 
 class ExampleBuilder:
@@ -108,9 +140,9 @@ class ExampleBuilder:
                indicators=_get(anyres, "indicators", "none"), overlong=_get(config.data, "overlong", "drop"),
                max_tiles=config.data.max_tiles)
 
-  def skipped(self, kind_id: int = -1) -> dict:
-    """The placeholder Example of a corrupt/malformed record (packing counts and drops it)."""
-    return placeholder(self.tile, MALFORMED, kind_id)
+  def skipped(self, kind_id: int = -1, reason: int = MALFORMED) -> dict:
+    """The placeholder Example of a dropped record (packing counts and drops it)."""
+    return placeholder(self.tile, reason, kind_id)
 
   def _block(self, k: int, layout) -> tuple[list[int], list[int]]:
     """(ids, slot offsets within ids) of image k's block."""
@@ -192,12 +224,17 @@ class ExampleBuilder:
                 layouts=layouts)
 
   def __call__(self, record: dict | None) -> dict | None:
-    """A record, or {"skipped": 1, ...} for one that failed to decode -> Example (skipped=1 for
-    those and for records whose markers/roles do not add up), or None to drop (overlong).
-    grain's map passes None elements through without calling this, so a failure must arrive
-    as a {"skipped": 1} dict to be counted."""
+    """`build`, but None for a record dropped as overlong (too many tokens or tiles)."""
+    example = self.build(record)
+    return None if int(example["drop_reason"]) in OVERLONG_CODES else example
+
+  def build(self, record: dict | None) -> dict:
+    """A record, or {"skipped": 1, "reason": ...} for one that failed to decode -> Example, or
+    the placeholder of a dropped record with its reason (module docstring). grain's map passes
+    None elements through without calling this, so a failure must arrive as such a dict to be
+    counted."""
     if record is None or record.get("skipped"):
-      return self.skipped()
+      return self.skipped(reason=skip_code(None if record is None else record.get("reason")))
     kind_id = records.KINDS.index(record["kind"]) if record.get("kind") in records.KINDS else -1
     try:
       images = record.get("images", [])
@@ -218,11 +255,13 @@ class ExampleBuilder:
         break
     cut = min(cut, self.seq_len)
     if cut < len(ids) or kept < len(blocks):
+      all_tiles = sum(layout.num_tiles for layout in layouts)
+      reason = TOO_MANY_TILES if all_tiles > self.max_tiles else TOO_MANY_TOKENS
       if self.overlong == "drop":
-        return None
+        return self.skipped(kind_id, reason)
       ids, loss = ids[:cut], loss[:cut]
       if not any(loss):
-        return None
+        return self.skipped(kind_id, reason)
 
     slots = [p for _, _, block_slots in blocks[:kept] for p in block_slots]
     t = self.tile
@@ -230,4 +269,4 @@ class ExampleBuilder:
     return dict(tokens=np.asarray(ids, np.int32), loss_on=np.asarray(loss, np.float32),
                 image_slots=np.asarray(slots, np.int32).reshape(-1),
                 tiles=np.concatenate(tiles_u8) if tiles_u8 else np.zeros((0, t, t, 3), np.uint8),
-                kind_id=np.int32(kind_id), skipped=np.int32(0))
+                kind_id=np.int32(kind_id), skipped=np.int32(0), drop_reason=np.int32(0))

@@ -26,7 +26,7 @@ import os
 import grain
 import numpy as np
 
-from data_pipelines import records
+from data_pipelines import records, video_frames
 from data_pipelines.parquet_source import ParquetSource
 from data_pipelines.webdataset_source import WebDatasetSource
 
@@ -215,10 +215,23 @@ class JsonlSource:
   images are paths under image_root (default: the file's folder), read as bytes, not
   decoded. Other keys (an "id", say) are ignored; blank lines are not records. A line that
   is bad JSON, malformed, or names a missing image becomes an error item (see module doc).
+
+  A video clip (MM1.5-Video SFT) is a line with "video" instead of "images":
+
+    {"video": "clips/0001/" or "clips/0001.gif", "question": "...", "answer": "..."}
+    {"video": "clips/0001.gif", "messages": [{"role": "user", "content": "<video>\\nWhat happens?"}, ...]}
+
+  a folder of frames or an animated GIF under image_root, sampled to `frames` frames as
+  inference samples them (video_frames.py). The frames open the first user turn, laid out
+  by video_frames.video_prompt (a "<video>" marker there is replaced by them); the record
+  is multi_image (conversation for a one-frame clip), category from the line.
   """
 
-  def __init__(self, path: str, image_root: str | None = None):
+  def __init__(self, path: str, image_root: str | None = None, frames: int | None = None):
     self.path = os.fspath(path)
+    self.frames = int(frames or video_frames.DEFAULT_FRAMES)
+    if self.frames < 1:
+      raise ValueError(f"frames={frames}: frames sampled per video must be >= 1 (config.video.frames)")
     self.image_root = os.path.dirname(os.path.abspath(self.path)) if image_root is None else os.fspath(image_root)
     starts, lines, offset = [], [], 0
     with open(self.path, "rb") as f:
@@ -260,6 +273,8 @@ class JsonlSource:
       return records.encode_error(f"{where}: bad JSON ({e})")
     if not isinstance(line, dict):
       return records.encode_error(f"{where}: record: expected a JSON object, got {type(line).__name__}")
+    if "video" in line:
+      return self._video_item(line, where)
     paths = line.get("images", [])
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
       return records.encode_error(f"{where}: images: expected a list of file paths, got {paths!r:.80}")
@@ -277,8 +292,63 @@ class JsonlSource:
     except records.MalformedRecord as e:
       return records.encode_error(f"{where}: {e}")
 
+  def _video_item(self, line: dict, where: str) -> bytes:
+    video = line["video"]
+    if not isinstance(video, str) or not video:
+      return records.encode_error(f"{where}: video: expected the path of a folder of frames or a GIF, got "
+                                  f"{video!r:.80}")
+    if "images" in line:
+      return records.encode_error(f"{where}: images: a video line's images are its frames; give `video` or "
+                                  "`images`, not both")
+    try:
+      frames = video_frames.load_frame_bytes(os.path.join(self.image_root, video), self.frames)
+    except Exception as e:  # noqa: BLE001  Pillow raises OSError, ValueError, SyntaxError, ...
+      return records.encode_error(f"{where}: video: cannot read {video!r}: {e}", corrupt_image=True)
+    try:
+      messages = video_messages(line, len(frames))
+      record = dict(kind="multi_image" if len(frames) > 1 else "conversation", messages=messages, images=frames,
+                    category=line.get("category", ""))
+      return records.encode(record)
+    except records.MalformedRecord as e:
+      return records.encode_error(f"{where}: {e}")
+
   def __repr__(self) -> str:
     return f"JsonlSource({self.path!r}, {len(self)} records, image_root={self.image_root!r})"
+
+
+VIDEO_MARKER = "<video>"
+
+
+def video_messages(line: dict, num_frames: int) -> list[dict]:
+  """A video line's turns, its frames' markers opening the first (video_frames.video_prompt)."""
+  if "messages" in line:
+    messages = line["messages"]
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+      raise records.MalformedRecord("messages: expected a non-empty list of {'role', 'content'} dicts")
+    messages = [dict(m) for m in messages]
+  elif "question" in line and "answer" in line:
+    messages = [dict(role="user", content=line["question"]), dict(role="assistant", content=line["answer"])]
+  else:
+    raise records.MalformedRecord("video: a video line needs `question` and `answer`, or `messages`")
+  for i, m in enumerate(messages):
+    content = m.get("content")
+    if not isinstance(content, str):
+      raise records.MalformedRecord(f"messages[{i}].content: expected str, got {type(content).__name__}")
+    if records.IMAGE_MARKER in content or (i and VIDEO_MARKER in content):
+      raise records.MalformedRecord(f"messages[{i}].content: the frames of `video` open the first user turn; "
+                                    f"remove its {records.IMAGE_MARKER} markers (a {VIDEO_MARKER} marker is "
+                                    "allowed once, in the first turn)")
+  if messages[0].get("role") != "user":
+    raise records.MalformedRecord(f"messages[0].role: a video conversation starts with the user, got "
+                                  f"{messages[0].get('role')!r}")
+  first = messages[0]["content"]
+  if first.count(VIDEO_MARKER) > 1:
+    raise records.MalformedRecord(f"messages[0].content: {first.count(VIDEO_MARKER)} {VIDEO_MARKER} markers; one "
+                                  "video per line")
+  if VIDEO_MARKER in first:  # LLaVA-style "<video>\nWhat happens?"
+    first = first.replace(VIDEO_MARKER + "\n", "").replace(VIDEO_MARKER, "").strip()
+  messages[0]["content"] = video_frames.video_prompt(first, num_frames)
+  return messages
 
 
 # config.data.sources[name]["kind"] -> class; the other keys of the entry are its arguments.

@@ -35,7 +35,8 @@ def get_config(arg="3b"):
     return c
   c = configs.mm15(size, stage)
   c.data.anyres.update(n_min=4, n_max=UI_N_MAX)
-  c.data.max_tiles = UI_N_MAX + 1
+  # Two split screens (data.anyres.split_max_images) of up to UI_N_MAX + 1 tiles each.
+  c.data.max_tiles = max(c.data.max_tiles, c.data.anyres.split_max_images * (UI_N_MAX + 1))
   if stage == "sft":
     # UI screenshots (Ferret-UI-style referring/grounding, ArrayRecord files prepared with
     # data_pipelines.convert) and some of the general SFT mix against forgetting; from

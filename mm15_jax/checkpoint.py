@@ -10,12 +10,16 @@ killed mid-save resumes from the previous complete step. Restores take abstract 
 carrying the *current* shardings, so a run can resume on a different mesh.
 """
 
+import contextlib
 import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from mm15_jax.models.vit import resize_pos_embedding
 
 
 class Checkpointer:
@@ -68,12 +72,8 @@ class Checkpointer:
 
 def latest_step(directory: str) -> int | None:
   """The last complete step under `directory`, read without touching anything."""
-  manager = ocp.CheckpointManager(
-      epath.Path(directory).absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
+  with _read_only(directory) as manager:
     return manager.latest_step()
-  finally:
-    manager.close()
 
 
 def find_checkpoint_dir(path: str) -> tuple[epath.Path, int]:
@@ -91,10 +91,22 @@ def find_checkpoint_dir(path: str) -> tuple[epath.Path, int]:
   return p, steps[-1]
 
 
+@contextlib.contextmanager
+def _read_only(directory, **kwargs):
+  """A read-only CheckpointManager. Orbax warns about the options a read-only manager ignores and
+  about every item a params-only read leaves out: noise in a run's log, so only errors show."""
+  with _only_errors_logged():
+    manager = ocp.CheckpointManager(epath.Path(directory).absolute(),
+                                    options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
+    try:
+      yield manager
+    finally:
+      manager.close()
+
+
 def _params_reader(directory):
   # The PyTree handler (the on-disk format StandardSave writes) can restore a subset of the tree.
-  return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={"params": ocp.PyTreeCheckpointHandler()})
+  return _read_only(directory, item_handlers={"params": ocp.PyTreeCheckpointHandler()})
 
 
 def _shapes_by_path(tree) -> dict:
@@ -104,41 +116,99 @@ def _shapes_by_path(tree) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _restore_parts(path: str, abstract_params: dict, parts) -> dict:
-  """The top-level `parts` (e.g. "llm") of the params stored at `path`, in `abstract_params`'
-  shardings; shapes are checked first, so a mismatch names the param and both shapes."""
+def _restore_parts(path: str, abstract_params: dict, parts, grids: dict | None = None, report=None) -> dict:
+  """The top-level `parts` (e.g. "llm") of the params stored at `path`, in `abstract_params'`
+  shardings; shapes are checked first, so a mismatch names the param and both shapes.
+
+  grids: {"vit/pos_embedding": "bicubic", ...}, the learned position grids a new stage may
+  legitimately change (a new image size): those stored at another [h, w] are read as stored
+  and resized to the config's grid with that interpolation, each reported through `report`.
+  """
   directory, step = find_checkpoint_dir(path)
-  manager = _params_reader(directory)
-  try:
+  grids = grids or {}
+  with _params_reader(directory) as manager:
     stored = manager.item_metadata(step)["params"]
     absent = [p for p in parts if p not in stored]
     if absent:
       raise ValueError(f"checkpoint {directory / str(step)} has no params for {absent} (it has {sorted(stored)})")
     target = {p: abstract_params[p] for p in parts}
     want, have = _shapes_by_path(target), _shapes_by_path({p: stored[p] for p in parts})
-    wrong = [f"{k}: stored {have.get(k, 'nothing')}, config {v}" for k, v in want.items() if have.get(k) != v]
+    resized = {k: have[k] for k, v in want.items()
+               if k in grids and k in have and have[k] != v and _same_but_grid(have[k], v)}
+    wrong = [f"{k}: stored {have.get(k, 'nothing')}, config {v}" for k, v in want.items()
+             if have.get(k) != v and k not in resized]
     wrong += [f"{k}: stored {v}, config nothing" for k, v in have.items() if k not in want]
     if wrong:
-      raise ValueError(f"checkpoint {directory / str(step)} does not match config.model:\n  " + "\n  ".join(wrong[:8])
-                       + "\n  (use the experiment file written with the checkpoint, e.g. an import's config.py)")
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
-    return manager.restore(step, args=ocp.args.Composite(params=args))["params"]
+      raise ValueError(f"checkpoint {directory / str(step)} does not match config.model:\n  " + "\n  ".join(wrong[:12])
+                       + (f"\n  ... and {len(wrong) - 12} more" if len(wrong) > 12 else "")
+                       + "\n  (a new stage may change model.vit.image_size, whose position grids are resized; "
+                       "anything else must match: use the experiment file written with the checkpoint, e.g. an "
+                       "import's config.py)")
+    # Read each resized grid at its stored shape (same sharding: only [h, w] differ), then resize.
+    read_target = _with_shapes(target, resized)
+    args = ocp.args.PyTreeRestore(item=read_target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(read_target))
+    params = manager.restore(step, args=ocp.args.Composite(params=args))["params"]
+  for key, shape in resized.items():
+    params = _resize_grid(params, key, want[key], grids[key], _leaf(target, key).sharding)
+    if report is not None:
+      report(f"{key}: position grid resized {shape[0]}x{shape[1]} -> {want[key][0]}x{want[key][1]} "
+             f"({grids[key]}) from {directory / str(step)}")
+  return params
+
+
+@contextlib.contextmanager
+def _only_errors_logged():
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
   finally:
-    manager.close()
+    logging.set_verbosity(level)
+
+
+def _same_but_grid(stored: tuple, want: tuple) -> bool:
+  """[h, w, width] tables that differ only in their grid."""
+  return len(stored) == len(want) == 3 and stored[2] == want[2]
+
+
+def _leaf(tree, key: str):
+  for part in key.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def _with_shapes(tree, shapes: dict):
+  """`tree` (ShapeDtypeStructs) with the leaves named in `shapes` at those shapes."""
+  def one(path, leaf):
+    key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    if key in shapes:
+      return jax.ShapeDtypeStruct(shapes[key], leaf.dtype, sharding=leaf.sharding)
+    return leaf
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _resize_grid(params: dict, key: str, shape: tuple, method: str, sharding) -> dict:
+  """params with the table at `key` resized to `shape` as the model resizes it at call time."""
+  table = _leaf(params, key)
+  resize = jax.jit(lambda t: resize_pos_embedding(t, shape[0], shape[1], method), out_shardings=sharding)
+  out = jax.tree_util.tree_map(lambda x: x, params)  # a copy of the containers
+  node = out
+  *parents, leaf = key.split("/")
+  for part in parents:
+    node = node[part]
+  node[leaf] = resize(table)
+  return out
 
 
 def stored_parts(path: str) -> list[str]:
   """The top-level params (vit, connector, llm) a checkpoint holds: an import holds one."""
   directory, step = find_checkpoint_dir(path)
-  manager = _params_reader(directory)
-  try:
+  with _params_reader(directory) as manager:
     return sorted(manager.item_metadata(step)["params"])
-  finally:
-    manager.close()
 
 
-def load_params(path: str, abstract_params: dict, init=None) -> dict:
+def load_params(path: str, abstract_params: dict, init=None, grids: dict | None = None, report=None) -> dict:
   """Params only, from a previous stage's checkpoint, in the current shardings. A checkpoint
   holding only some parts (an import of the decoder or the encoder) gets the others from
   `init()` (fresh params in the same shardings); without `init` that is an error."""
@@ -148,17 +218,23 @@ def load_params(path: str, abstract_params: dict, init=None) -> dict:
     raise ValueError(f"checkpoint {path!r} holds only {have}, not {missing}; start from it with "
                      f"config.init.llm_from / vit_from instead of config.init.from_checkpoint")
   params = dict(init()) if missing else {}
-  params.update(_restore_parts(path, abstract_params, [p for p in abstract_params if p in have]))
+  params.update(_restore_parts(path, abstract_params, [p for p in abstract_params if p in have], grids, report))
   return params
 
 
-def load_param_parts(params: dict, abstract_params: dict, parts: dict) -> dict:
+def load_param_parts(params: dict, abstract_params: dict, parts: dict, grids: dict | None = None,
+                     report=None) -> dict:
   """`params` with the parts named in `parts` ({"llm": path, "vit": path}) replaced by those
   stored at each path (an import, or any run's checkpoint: only that part is read)."""
   params = dict(params)
   for part, path in parts.items():
-    params.update(_restore_parts(path, abstract_params, [part]))
+    params.update(_restore_parts(path, abstract_params, [part], grids, report))
   return params
+
+
+def path_exists(path: str) -> bool:
+  """Whether a local or cloud (gs://) path exists."""
+  return epath.Path(path).exists()
 
 
 def workdir_checkpoints(workdir: str) -> str:

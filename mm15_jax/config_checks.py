@@ -5,6 +5,7 @@ Each error names the field, the values, and a fix.
 
 import math
 
+from data_pipelines.builtin import video as builtin_video
 from mm15_jax import hardware_rules
 from mm15_jax import sharding as shd
 
@@ -58,6 +59,9 @@ def check_config(config, mesh=None, tokenizer=None) -> None:
         f"model.llm.vocab_size={llm.vocab_size} but the tokenizer has {tokenizer.vocab_size} pieces; "
         f"set --config.model.llm.vocab_size={tokenizer.vocab_size}")
   errors += eval_and_profile_errors(config)
+  errors += video_errors(config, tokenizer)
+  errors += tile_budget_errors(config)
+  errors += init_errors(config)
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -83,4 +87,93 @@ def eval_and_profile_errors(config) -> list[str]:
       errors.append(f"eval.best_metric={e.best_metric!r} is not an eval metric; use one of {names[:4]} or "
                     f"'<source>/<metric>' for a source of data.sources, e.g. {names[held_out - 1]!r}{generated}")
   errors += profiling.check_steps(config.profile, config.train.steps)
+  return errors
+
+
+def init_errors(config) -> list[str]:
+  """config.init.upcycle_from: an MoE model, experts the dense FFN's size, no other source of its params."""
+  i, moe, llm = config.init, config.model.moe, config.model.llm
+  path = i.get("upcycle_from", "")
+  if not path:
+    return []
+  errors = []
+  if not moe.num_experts:
+    errors.append(f"init.upcycle_from={path!r} starts an MoE model from a dense run, but model.moe.num_experts=0; "
+                  "set model.moe (e.g. experiments/tiny_moe.py), or use init.from_checkpoint for a dense run")
+  elif moe.expert_mlp_dim not in (0, llm.mlp_dim):
+    errors.append(f"init.upcycle_from copies the dense FFN into every expert, but model.moe.expert_mlp_dim="
+                  f"{moe.expert_mlp_dim} differs from model.llm.mlp_dim={llm.mlp_dim}; "
+                  f"set --config.model.moe.expert_mlp_dim=0 (the dense size)")
+  for field in ("from_checkpoint", "llm_from"):  # each would replace the upcycled decoder
+    if i[field]:
+      errors.append(f"init.upcycle_from={path!r} and init.{field}={i[field]!r} are both set; "
+                    f"keep one (init.{field} loads params of this MoE model's own shape)")
+  return errors
+
+
+def tile_budget_errors(config) -> list[str]:
+  """data.max_tiles against the row and the AnyRes settings: a sample the splitting rule makes
+  must fit a row's tiles, or data.overlong drops (or cuts) every such sample."""
+  d, errors = config.data, []
+  k, seq_len, max_tiles = config.model.connector.tokens_per_tile, d.seq_len, d.max_tiles
+  if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
+    errors.append(f"data.max_tiles={max_tiles!r}: must be an integer >= 1 (image tiles per packed row)")
+  elif max_tiles * k > seq_len:
+    errors.append(f"data.max_tiles={max_tiles} tiles x model.connector.tokens_per_tile={k} = {max_tiles * k} "
+                  f"image tokens overflow data.seq_len={seq_len}; set --config.data.max_tiles={seq_len // k} "
+                  f"or raise data.seq_len to at least {max_tiles * k}")
+  anyres = d.get("anyres") or {}
+  n_min, n_max = anyres.get("n_min", 1), anyres.get("n_max", 1)
+  split_max = anyres.get("split_max_images", 2)
+  if not 1 <= n_min <= n_max:
+    errors.append(f"data.anyres.n_min={n_min}, data.anyres.n_max={n_max}: need 1 <= n_min <= n_max "
+                  "(sub-images per split image), e.g. n_min=4, n_max=9")
+  if split_max < 0:
+    errors.append(f"data.anyres.split_max_images={split_max}: must be >= 0 (0: never split)")
+  if errors or not anyres.get("enabled", False) or not split_max:
+    return errors
+  per_image = n_max + 1 if n_max > 1 else 1  # a 1x1 grid is the unsplit tile, no overview
+  need = split_max * per_image
+  if need > max_tiles:
+    errors.append(
+        f"data.max_tiles={max_tiles} cannot hold the largest split sample: data.anyres.split_max_images="
+        f"{split_max} images x (data.anyres.n_max={n_max} sub-images + 1 overview) = {need} tiles, so "
+        f"data.overlong={d.get('overlong', 'drop')!r} drops or cuts every such sample; set "
+        f"--config.data.max_tiles={need}" + (f" (and data.seq_len >= {need * k})" if need * k > seq_len else "")
+        + ", or lower data.anyres.n_max or data.anyres.split_max_images")
+  return errors
+
+
+def video_errors(config, tokenizer=None) -> list[str]:
+  """config.video (experiments/mm15_video.py): each frame one tile, never split, and a whole
+  clip (frames x (tile tokens + "Image k:") + its text) in one row."""
+  video = config.get("video", None)
+  if not video:
+    return []
+  frames = video.get("frames", None)
+  if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+    return [f"video.frames={frames!r}: must be an integer >= 1 (frames sampled per clip; MM1.5-Video: 24)"]
+  data, errors = config.data, []
+  builtin_clips = any(spec.get("kind", "builtin") == "builtin" and (spec.get("task", None) or name) == "video"
+                      for name, spec in data.sources.items())
+  n = max(frames, builtin_video.MAX_FRAMES) if builtin_clips else frames
+  why = f"{n} frames (video.frames={frames}" + (
+      f"; the built-in 'video' clips have up to {builtin_video.MAX_FRAMES})" if builtin_clips else ")")
+  if data.anyres.enabled and data.anyres.split_max_images > 0:
+    errors.append(f"data.anyres.split_max_images={data.anyres.split_max_images}: clips of up to that many frames "
+                  "would be split into sub-images; video frames are one tile each: set "
+                  "--config.data.anyres.split_max_images=0")
+  if data.max_tiles < n:
+    errors.append(f"data.max_tiles={data.max_tiles} cannot hold {why}, one tile each; set "
+                  f"--config.data.max_tiles={n} or sample fewer frames")
+  k = config.model.connector.tokens_per_tile
+  indicator = 0
+  if data.anyres.get("indicators", "none") == "index":  # "Image k:" before each frame's tile
+    indicator = len(tokenizer.encode_span(f"Image {n}:")) if tokenizer is not None else 4 + len(str(n))
+  text = 64  # "User:", a question, "Assistant:", a short answer and a follow-up turn
+  need = n * (k + indicator) + text
+  if data.seq_len < need:
+    errors.append(f"data.seq_len={data.seq_len} cannot hold {why}: {n} x ({k} image tokens + {indicator} for "
+                  f"'Image k:') + {text} for the text = {need} tokens; set --config.data.seq_len={need} or more, "
+                  "or sample fewer frames")
   return errors

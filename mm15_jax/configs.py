@@ -84,7 +84,9 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
       ),
       # Mixture of experts (models/moe.py): num_experts=0 is a dense model. Every
       # `interval`-th decoder layer is MoE; the Switch balancing and router z losses are
-      # added to the training loss with these weights (MM15_SPEC.md).
+      # added to the training loss with these weights (MM15_SPEC.md), each averaged over the
+      # MoE layers (not summed), so a weight means the same at any depth. expert_mlp_dim=0:
+      # the dense mlp_dim, which init.upcycle_from needs.
       moe=dict(num_experts=0, top_k=2, interval=2, expert_mlp_dim=0, impl="ragged", capacity_factor=1.25,
                lb_loss_weight=0.01, z_loss_weight=0.001),
       dtype="bfloat16",  # compute dtype
@@ -134,12 +136,19 @@ def paper_sources(stage: str, root: str = "data/mm15") -> dict:
 
 # Per stage: tile size, tiles per row, AnyRes, steps, batch, learning rate (None: the size
 # rule), the stage whose checkpoint it starts from.
+# max_tiles (data.max_tiles, tiles per 4096-token row; a tile is 144 tokens plus its "index"
+# indicator, "Image k:" 3-6 tokens, "Image k row i col j:" up to ~13):
+#   pretrain: MM1's 16 images per sequence, unsplit: 16 x (144 + 6) = 2400 tokens, 1696 left.
+#   cpt/sft: the largest split sample, 2 images x (9 + overview) = 20 tiles = 2880 + ~260
+#     indicator tokens; unsplit samples (3+ images, one tile each) fit 27 in the row:
+#     27 x (144 + ~6) ~ 4050 tokens, while 28 x 144 = 4032 leaves no room for 28 indicators
+#     and the chat text. So 27: every sample that fits the row's tokens fits its tiles.
 STAGE_SETTINGS = {
     # Pretraining: 378 px tiles, up to 16 images per sequence, no splitting.
     "pretrain": dict(image_size=378, max_tiles=16, anyres=False, steps=200_000, batch=512, lr=None, start=""),
     # High-resolution OCR continual pretraining: 672 px tiles, AnyRes (4, 9) + overview.
-    "cpt": dict(image_size=672, max_tiles=10, anyres=True, steps=30_000, batch=256, lr=1e-5, start="pretrain"),
-    "sft": dict(image_size=672, max_tiles=10, anyres=True, steps=23_000, batch=256, lr=2e-5, start="cpt"),
+    "cpt": dict(image_size=672, max_tiles=27, anyres=True, steps=30_000, batch=256, lr=1e-5, start="pretrain"),
+    "sft": dict(image_size=672, max_tiles=27, anyres=True, steps=23_000, batch=256, lr=2e-5, start="cpt"),
 }
 
 
@@ -260,7 +269,9 @@ def base() -> ml_collections.ConfigDict:
   # from_checkpoint: all params of a previous stage's run (a workdir or a step dir);
   # llm_from / vit_from: only the decoder / the image encoder, from any checkpoint that has
   # them (`python -m mm15_jax.convert import` output or a run). The rest starts fresh.
-  c.init = dict(from_checkpoint="", llm_from="", vit_from="")
+  # upcycle_from: an MoE run from a dense run's checkpoint (this config with moe.num_experts=0):
+  # each expert a copy of its layer's FFN, routers fresh (mm15_jax/train/upcycle.py).
+  c.init = dict(from_checkpoint="", llm_from="", vit_from="", upcycle_from="")
   # every=0: evaluate only at the end. generate_per_task > 0: after training, answer that many
   # held-out questions per built-in task by generation (accuracy per task, a grounding PNG).
   # best_metric (e.g. "loss", "qa/loss", or with generation "task_accuracy", "task/ground";

@@ -16,11 +16,10 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mm15_jax.launch_commands import LAUNCHERS, ROOT, command, gke_manifest, trainer_args
 
 
 def load_sweep(spec: str) -> list[dict]:
@@ -37,36 +36,6 @@ def point_name(overrides: dict) -> str:
   """{"train.lr": 0.001, "model.size": "1b"} -> "lr=0.001,size=1b" (a path-safe directory name)."""
   name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(overrides.items())) or "default"
   return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
-
-
-def trainer_args(spec: str, workdir: str, overrides: dict, extra: list[str]) -> list[str]:
-  return ([f"--config={spec}", f"--workdir={workdir}", "--no_progress"]
-          + [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra))
-
-
-def command(launcher: str, spec: str, workdir: str, overrides: dict, extra: list[str], index: int) -> list[str]:
-  """The command that runs one point; the cluster ones submit through launch/."""
-  args = trainer_args(spec, workdir, overrides, extra)
-  if launcher == "local":
-    return [sys.executable, "-m", "mm15_jax.train", *args]
-  if launcher == "slurm":  # the script takes CONFIG WORKDIR first, then passes the rest on
-    return ["sbatch", f"--job-name=mm15-sweep-{index}", os.path.join(ROOT, "launch", "slurm.sbatch"),
-            spec, workdir, *args[3:]]
-  if launcher == "tpu":
-    if not flags.FLAGS.tpu or len(flags.FLAGS.tpu.split()) != 2:
-      raise ValueError("--launcher=tpu needs --tpu='TPU_NAME ZONE'")
-    return [os.path.join(ROOT, "launch", "tpu_pod.sh"), *flags.FLAGS.tpu.split(), spec, workdir, *args[3:]]
-  if launcher == "gke":  # the manifest, renamed and with this point's command, on stdin
-    return ["kubectl", "apply", "-f", "-"]
-  raise ValueError(f"--launcher={launcher!r}")
-
-
-def gke_manifest(args: list[str], index: int) -> str:
-  with open(os.path.join(ROOT, "launch", "gke_jobset.yaml")) as f:
-    text = f.read()
-  text = re.sub(r"(metadata:\s*\n\s*name: )\S+", rf"\g<1>mm15-sweep-{index}", text, count=1)
-  cmd = json.dumps(["python", "-m", "mm15_jax.train", *args])
-  return re.sub(r"command: \[.*?\]", lambda _: f"command: {cmd}", text, count=1, flags=re.DOTALL)
 
 
 def report(workdir: str) -> str:
@@ -101,7 +70,7 @@ def _define_flags():
   """Flags are defined when the tool runs, not at import, so tests may import several tools."""
   flags.DEFINE_string("config", None, "Experiment file (FILE or FILE:arg) defining get_sweep().")
   flags.DEFINE_string("workdir", None, "Each point runs in WORKDIR/NAME.")
-  flags.DEFINE_enum("launcher", "local", ["local", "tpu", "gke", "slurm"], "Where the points run.")
+  flags.DEFINE_enum("launcher", "local", list(LAUNCHERS), "Where the points run.")
   flags.DEFINE_string("tpu", None, "--launcher=tpu: TPU_NAME ZONE (space-separated).")
   flags.DEFINE_bool("report", False, "Print the final metrics of every point instead of running.")
   flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
@@ -115,10 +84,9 @@ def main(argv):
   points = load_sweep(flags.FLAGS.config)
   for i, overrides in enumerate(points):
     workdir = os.path.join(flags.FLAGS.workdir, point_name(overrides))
-    cmd = command(flags.FLAGS.launcher, flags.FLAGS.config, workdir, overrides, extra, i)
-    stdin = None
-    if flags.FLAGS.launcher == "gke":
-      stdin = gke_manifest(trainer_args(flags.FLAGS.config, workdir, overrides, extra), i)
+    args = trainer_args(flags.FLAGS.config, workdir, overrides, extra)
+    cmd = command(flags.FLAGS.launcher, args, f"mm15-sweep-{i}", tpu=flags.FLAGS.tpu)
+    stdin = gke_manifest(args, f"mm15-sweep-{i}") if flags.FLAGS.launcher == "gke" else None
     print(f"[{i + 1}/{len(points)}] {shlex.join(cmd)}", flush=True)
     if flags.FLAGS.dry_run:
       if stdin:

@@ -118,11 +118,12 @@ def caption_of(image):
 
 KIND_OF = {"caption": "caption", "interleaved": "interleaved", "qa": "conversation", "text_rich": "conversation",
            "counting": "conversation", "refer": "conversation", "ground": "conversation",
-           "multi_image": "multi_image", "text_doc": "text", "text_chat": "text", "ui": "conversation"}
+           "multi_image": "multi_image", "text_doc": "text", "text_chat": "text", "ui": "conversation",
+           "video": "multi_image"}
 CATEGORIES = {"caption": {"caption"}, "interleaved": {""}, "qa": {"general"}, "text_rich": {"text_rich"},
               "counting": {"general", "math"}, "refer": {"refer_ground"}, "ground": {"refer_ground"},
               "multi_image": {"general", "math"}, "text_doc": {""}, "text_chat": {"general", "math"},
-              "ui": {"refer_ground"}}
+              "ui": {"refer_ground"}, "video": {"general"}}
 
 
 def digest(rec):

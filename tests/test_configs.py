@@ -94,3 +94,25 @@ def test_summary_cli_reports_active_params_of_moe():
   expert_weights = (llm.n_layers // moe.interval) * moe.num_experts * 3 * llm.d_model * moe.expert_mlp_dim
   unused = expert_weights * (moe.num_experts - moe.top_k) // moe.num_experts
   assert s["active"]["params"] == s["total"]["params"] - unused
+
+
+def experiment_specs():
+  """Every experiment file with each argument it documents."""
+  for path in EXPERIMENTS:
+    name = os.path.basename(path)
+    if name == "tiny.py":
+      args = (None, *configs.STAGES)
+    elif name in ("mm15_ui.py", "mm15_video.py"):
+      args = ("tiny", *(f"{size},{stage}" for size in configs.NOMINAL_PARAMS for stage in configs.STAGES))
+    elif name.startswith("mm15_"):
+      args = configs.STAGES
+    else:
+      args = (None,)
+    for arg in args:
+      yield f"{path}:{arg}" if arg else path
+
+
+@pytest.mark.parametrize("spec", list(experiment_specs()), ids=lambda s: os.path.basename(s))
+def test_experiment_passes_the_config_checks(spec):
+  from mm15_jax.config_checks import check_config
+  check_config(configs.load_experiment(spec))

@@ -42,7 +42,7 @@ def test_dry_run_prints_one_trainer_command_per_point(tmp_path):
 
 def test_gke_manifest_runs_the_point():
   args = sweep.trainer_args("experiments/tiny.py", "gs://b/lr=0.1", {"train.lr": 0.1}, [])
-  doc = yaml.safe_load(sweep.gke_manifest(args, 7))
+  doc = yaml.safe_load(sweep.gke_manifest(args, "mm15-sweep-7"))
   assert doc["metadata"]["name"] == "mm15-sweep-7"
   container = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
   assert container["command"] == ["python", "-m", "mm15_jax.train", *args]

@@ -131,7 +131,8 @@ def test_video_frames_are_one_tile_each(tmp_path):
 
 def test_ui_experiment_grids():
   c = experiment("mm15_ui.py:3b")
-  assert (c.data.anyres.n_min, c.data.anyres.n_max) == (4, 12) and c.data.max_tiles == 13
+  # Two split screens of 12 sub-images + overview each fit a row's tile budget.
+  assert (c.data.anyres.n_min, c.data.anyres.n_max) == (4, 12) and c.data.max_tiles >= 2 * 13
   assert c.init.from_checkpoint == "checkpoints/mm15_3b_sft" and "ui" in c.data.sources
   assert abs(sum(s.weight for s in c.data.sources.values()) - 1) < 1e-9
   sft = configs.mm15("3b", "sft")

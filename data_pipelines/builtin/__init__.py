@@ -20,9 +20,12 @@ source of records (data_pipelines/records.py schema); record i is a pure functio
   ui           conversation  refer_ground (image)       phone screens: what is at [x, y], where is the
                                                         Save button, is the Wi-Fi toggle on (not in
                                                         MIXTURES: experiments/mm15_ui.py adds it)
+  video        multi_image   general                    4-8 frame clips: which way does the red circle
+                                                        move, in which frame does it appear, how many
+                                                        times (not in MIXTURES: mm15_video.py:tiny,sft)
 """
 
-from data_pipelines.builtin import multi_image, single_image, text_only, text_rich, ui
+from data_pipelines.builtin import multi_image, single_image, text_only, text_rich, ui, video
 from data_pipelines.builtin.source import SPLITS, Source
 
 SOURCES = {
@@ -37,6 +40,7 @@ SOURCES = {
     "text_doc": text_only.TextDoc,
     "text_chat": text_only.TextChat,
     "ui": ui.UI,
+    "video": video.Video,
 }
 
 # SFT: single-image 0.8 (inside it roughly the spec's category mix: text-rich first, then

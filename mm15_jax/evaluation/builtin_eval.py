@@ -10,6 +10,8 @@ included; the model remaps them to the AnyRes canvas as in training). Scoring:
   - every other answer: exact match of the whole answer after VQA normalisation.
 `baseline_accuracy` is what knowing no image scores: per question text, the most common
 train-split answer (the median train box for grounding), so "above chance" has a number.
+The report also asks the same model every question with its images blanked (flat, the
+padding colour): a model that reads its images scores lower there than with them.
 """
 
 import collections
@@ -18,23 +20,25 @@ import os
 
 import numpy as np
 
-from data_pipelines import builtin, coordinates
+from data_pipelines import anyres, builtin, coordinates
 from mm15_jax.evaluation import metrics as metrics_lib
 from mm15_jax.evaluation import runner
 
 # Built-in tasks that ask questions (the others are captions and documents).
-QUESTION_TASKS = ("qa", "text_rich", "counting", "refer", "ground", "multi_image", "text_chat", "ui")
+QUESTION_TASKS = ("qa", "text_rich", "counting", "refer", "ground", "multi_image", "text_chat", "ui", "video")
+# Variants' tasks (experiments/mm15_ui.py, mm15_video.py): asked only when data.sources has them.
+VARIANT_TASKS = ("ui", "video")
 
 
 def config_tasks(config) -> list[str]:
   """The question tasks among config.data.sources' built-in sources, in QUESTION_TASKS order
-  (all but ui if there are none)."""
+  (all but VARIANT_TASKS if there are none)."""
   tasks = []
   for name, spec in config.data.sources.items():
     task = spec.get("task", None) or name
     if spec.get("kind", "builtin") == "builtin" and task in QUESTION_TASKS and task not in tasks:
       tasks.append(task)
-  return sorted(tasks, key=QUESTION_TASKS.index) or [t for t in QUESTION_TASKS if t != "ui"]
+  return sorted(tasks, key=QUESTION_TASKS.index) or [t for t in QUESTION_TASKS if t not in VARIANT_TASKS]
 
 
 def pixel_boxes(text: str, image: np.ndarray) -> list[tuple[float, ...]]:
@@ -69,6 +73,13 @@ def score(question: dict, text: str, boxes) -> float:
   return metrics_lib.exact_match(text, [question["answer"]])
 
 
+def blanked(question: dict) -> dict:
+  """The question with each image replaced by a flat one of the same size (the AnyRes padding
+  colour, which normalises to about 0): the same tiles and tokens, no pixel information."""
+  flat = lambda im: np.broadcast_to(np.asarray(anyres.PAD_COLOR, np.uint8), im.shape).copy()
+  return dict(question, images=[flat(im) for im in question["images"]])
+
+
 def _generate(model, qs, batch_size, max_new_tokens):
   answers = []
   for start in range(0, len(qs), batch_size):
@@ -89,24 +100,31 @@ def render_grounding(question: dict, answer, path: str) -> str:
 
 
 def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None = None, batch_size: int = 8,
-                     max_new_tokens: int = 80, out_dir: str | None = None, baseline: bool = True) -> dict:
+                     max_new_tokens: int = 80, out_dir: str | None = None, baseline: bool = True,
+                     blank: bool = True) -> dict:
   """Accuracy per task (dict task -> accuracy in [0, 1]) of the model on held-out questions.
 
   config: the model's (default model.config): seed, data.image_scale, data.eval_examples
   (the default num_per_task) and the built-in tasks of data.sources (the default tasks).
-  With out_dir: REPORT.json (accuracy, baseline, num, a few examples per task),
-  REPORT.md and grounding.png (the first grounding question, model and true boxes).
+  With out_dir: REPORT.json (accuracy, baseline, num, a few examples per task; with `blank`
+  also "blanked": the accuracy with every image blanked), REPORT.md and grounding.png (the
+  first grounding question, model and true boxes).
   """
   config = config if config is not None else model.config
   tasks = list(tasks) if tasks else config_tasks(config)
   num = int(num_per_task or config.data.eval_examples)
   seed, scale = int(config.seed), float(config.data.image_scale)
-  accuracy, examples, grounding_example = {}, {}, None
+  accuracy, blind, examples, grounding_example = {}, {}, {}, None
   for task in tasks:
     qs = questions(task, num, seed=seed, image_scale=scale)
     answers = _generate(model, qs, batch_size, max_new_tokens)
     scores = [score(q, a.text, a.boxes) for q, a in zip(qs, answers)]
     accuracy[task] = float(np.mean(scores))
+    if out_dir and blank and any(q["images"] for q in qs):
+      blank_answers = _generate(model, [blanked(q) for q in qs], batch_size, max_new_tokens)
+      blind[task] = float(np.mean([score(q, a.text, a.boxes) for q, a in zip(qs, blank_answers)]))
+    elif out_dir and blank:  # a text-only task: nothing to blank
+      blind[task] = accuracy[task]
     examples[task] = [dict(prompt=q["prompt"], answer=q["answer"], prediction=a.text, score=s)
                       for q, a, s in list(zip(qs, answers, scores))[:3]]
     if grounding_example is None:
@@ -115,12 +133,16 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
     os.makedirs(out_dir, exist_ok=True)
     chance = baseline_accuracy(tasks, num, seed=seed, image_scale=scale) if baseline else {}
     report = dict(accuracy=accuracy, baseline=chance, num_per_task=num, examples=examples)
+    if blind:
+      report["blanked"] = blind
     if grounding_example:
       report["grounding_png"] = render_grounding(*grounding_example, os.path.join(out_dir, "grounding.png"))
     with open(os.path.join(out_dir, "REPORT.json"), "w") as f:
       json.dump(report, f, indent=1)
-    table = [[t, num, 100 * accuracy[t]] + ([100 * chance[t]] if chance else []) for t in tasks]
-    header = ["task", "num", "accuracy (%)"] + (["baseline (%)"] if chance else [])
+    table = [[t, num, 100 * accuracy[t]] + ([100 * chance[t]] if chance else []) + ([100 * blind[t]] if blind else [])
+             for t in tasks]
+    header = (["task", "num", "accuracy (%)"] + (["baseline (%)"] if chance else [])
+              + (["images blanked (%)"] if blind else []))
     with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
       f.write("# Built-in held-out evaluation\n\n" + runner.markdown_table(header, table))
       if grounding_example:

@@ -21,6 +21,16 @@ def normalize_pixels(images, mean=CLIP_MEAN, std=CLIP_STD):
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def position_grids(config) -> dict:
+  """{param path: interpolation} of the learned position grids sized by `vit.image_size`: what a
+  new stage at another image size resizes when it starts from a previous stage's params, with
+  the interpolation the model itself applies at call time to other grids."""
+  grids = {"vit/pos_embedding": config.vit.get("pos_resize", "bilinear")}
+  if config.connector.kind == "c_abstractor":
+    grids["connector/pos_embedding"] = "bilinear"  # CAbstractor resizes its table bilinearly
+  return grids
+
+
 class MM15(nnx.Module):
   """The multimodal model of `config.model`; submodules `vit`, `connector`, `llm`."""
 

@@ -17,8 +17,9 @@ from mm15_jax import batch as batch_lib
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import sharding as shd
 from mm15_jax.config_checks import check_config
+from mm15_jax.models.mm15 import position_grids
 from mm15_jax.train import flops as flops_lib
-from mm15_jax.train import in_training_eval
+from mm15_jax.train import in_training_eval, upcycle
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 from mm15_jax.train.best_checkpoint import BestCheckpoint
@@ -59,18 +60,29 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   preemption = PreemptionWatch()
   profiler = StepProfiler(config.profile, workdir)
   try:
+    handoff_notes = []  # one line per position grid resized for this stage's image size
     if checkpointer.latest_step() is not None:
+      # A resume, never a handoff: params, optimizer, step, RNG and data order as saved.
       state = checkpointer.restore(setup.abstract_state, batches)
       origin = f"resumed from step {int(state['step'])}"
     else:
+      # A new run or a new stage: fresh optimizer state, schedule and data iterator; params
+      # from the previous stage where given, position grids resized to this stage's image size.
       state = state_lib.init_state(setup)
       origin = "initialised"
+      grids = position_grids(config.model)
       if config.init.from_checkpoint:
-        state["params"] = ckpt_lib.load_params(config.init.from_checkpoint, setup.abstract_state["params"])
+        state["params"] = ckpt_lib.load_params(config.init.from_checkpoint, setup.abstract_state["params"],
+                                               grids=grids, report=handoff_notes.append)
         origin = f"params from {config.init.from_checkpoint}"
+      if config.init.upcycle_from:  # MoE from a dense run: experts copy its FFNs, routers fresh
+        state["params"] = upcycle.load_upcycled(config.init.upcycle_from, setup, state["params"],
+                                                grids=grids, report=handoff_notes.append)
+        origin += f", upcycled from {config.init.upcycle_from}"
       parts = {part: path for part, path in (("llm", config.init.llm_from), ("vit", config.init.vit_from)) if path}
       if parts:  # e.g. public weights brought in by `python -m mm15_jax.convert import`
-        state["params"] = ckpt_lib.load_param_parts(state["params"], setup.abstract_state["params"], parts)
+        state["params"] = ckpt_lib.load_param_parts(state["params"], setup.abstract_state["params"], parts,
+                                                    grids=grids, report=handoff_notes.append)
         origin += ", " + ", ".join(f"{part} from {path}" for part, path in parts.items())
     start = int(jax.device_get(state["step"]))
 
@@ -84,6 +96,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     writer.message(
         f"mm15_jax: {counts['total'] / 1e6:.2f}M params (vit {counts['vit'] / 1e6:.2f}M, connector "
         f"{counts['connector'] / 1e6:.2f}M, llm {counts['llm'] / 1e6:.2f}M), mesh {dict(mesh.shape)}, {origin}")
+    for note in handoff_notes:
+      writer.message(note)
 
     train_fn = step_lib.jit_train_step(setup)
     held_out = in_training_eval.HeldOutEval(
@@ -154,7 +168,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         seconds = timing["step_seconds"]
         metrics.update(
             timing, tokens_per_s=tokens_per_step / seconds, skipped_records=batches.skipped_records,
-            overlong_records=batches.overlong_records,
+            overlong_records=batches.overlong_records, **batches.dropped_metrics(),
             skipped_steps=check_finite(done), mfu=flops_lib.mfu(step_flops, seconds, peak, jax.device_count()))
         if first_timed:
           metrics["includes_compile"] = 1  # the first window holds the compile
