@@ -1,4 +1,4 @@
-"""AnyRes dynamic image splitting (MM15_SPEC.md, "Dynamic image splitting").
+"""AnyRes dynamic image splitting (docs/recipe.md, "AnyRes: dynamic image splitting").
 
 An image is resized (aspect preserved) to fit a canvas of rows x cols tiles, padded
 right/bottom, cut into rows*cols sub-images (row-major), and followed by an overview:

@@ -1,7 +1,7 @@
 """Coordinates as plain text, Ferret's format: `[x1, y1, x2, y2]` boxes, `[x, y]` points.
 
 Integers on a virtual CANVAS x CANVAS canvas, [0, 0] top-left, so the same text means the
-same place whatever the image resolution (MM15_SPEC.md, "Referring and grounding").
+same place whatever the image resolution (docs/recipe.md, "Coordinates").
 A pixel box is given by its edges: column x covers [x, x + 1), so a box of pixels
 x_min..x_max maps to [x_min, x_max + 1).
 """
@@ -42,7 +42,7 @@ def parse(text: str) -> list[tuple[int, ...]]:
 
 
 # Under AnyRes the model sees a padded canvas (the sub-image grid, or the single tile), so
-# coordinates in the text are relative to that canvas (MM15_SPEC.md: n_min = 1 at inference
+# coordinates in the text are relative to that canvas (docs/recipe.md: n_min = 1 at inference
 # breaks refer & ground). The resize maps the image's extent [0, w] onto [0, resized_w] of
 # the canvas (PIL's convention), so on the 0..CANVAS scale an x value v of the image is
 # v * resized_w / canvas_w of the canvas; y likewise. Results are rounded half up, as

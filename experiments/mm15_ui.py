@@ -1,5 +1,5 @@
 """MM1.5-UI: further SFT of an SFT model on UI screenshots: referring and grounding on
-widgets of tall phone screens (MM15_SPEC.md, "Variants").
+widgets of tall phone screens (the MM1.5 paper's MM1.5-UI variant).
 
   python -m mm15_jax.train --config=experiments/mm15_ui.py:3b --workdir=DIR \
       --config.init.from_checkpoint=SFT_WORKDIR

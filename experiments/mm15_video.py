@@ -1,5 +1,5 @@
 """MM1.5-Video: an SFT model answers about N uniformly sampled frames, one 144-token tile each,
-fed as a multi-image input (MM15_SPEC.md, "Variants"); training-free, or fine-tuned on clips.
+fed as a multi-image input (docs/recipe.md, "Video"); training-free, or fine-tuned on clips.
 
 Training-free (the image SFT model as it is):
 

@@ -1,7 +1,7 @@
 """Shared experiment defaults: model sizes as a table, stages as a few overrides.
 
 Experiment files in `experiments/` call `mm15(size, stage)` and change the handful
-of keys that make them different. Dimensions follow `MM15_SPEC.md`: the LLM shapes are
+of keys that make them different. Dimensions and stages: docs/recipe.md; the LLM shapes are
 AXLearn's public "fuji" family (Apple did not publish MM1.5's), the encoder is the
 open_clip ViT-H/14-378 shape, the connector is honeybee's C-Abstractor.
 """
@@ -84,7 +84,7 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
       ),
       # Mixture of experts (models/moe.py): num_experts=0 is a dense model. Every
       # `interval`-th decoder layer is MoE; the Switch balancing and router z losses are
-      # added to the training loss with these weights (MM15_SPEC.md), each averaged over the
+      # added to the training loss with these weights (docs/recipe.md, "Mixture of experts"), each averaged over the
       # MoE layers (not summed), so a weight means the same at any depth. expert_mlp_dim=0:
       # the dense mlp_dim, which init.upcycle_from needs.
       moe=dict(num_experts=0, top_k=2, interval=2, expert_mlp_dim=0, impl="ragged", capacity_factor=1.25,

@@ -37,7 +37,7 @@ def test_unknown_stage_is_a_clear_error():
 
 
 def test_learning_rate_rule_matches_the_spec():
-  # MM15_SPEC.md: 1B 9.3e-5, 3B 5.8e-5, 7B 4.1e-5, 30B 2.2e-5.
+  # MM1's rule (docs/recipe.md): 1B 9.3e-5, 3B 5.8e-5, 7B 4.1e-5, 30B 2.2e-5.
   for n, expected in [(1e9, 9.3e-5), (3e9, 5.8e-5), (7e9, 4.1e-5), (30e9, 2.2e-5)]:
     assert configs.peak_learning_rate(n) == pytest.approx(expected, rel=0.03)
 

@@ -196,3 +196,33 @@ def test_handoff_on_two_processes_places_the_same_params(staged, tmp_path):
   got = stored_params(tmp_path / "checkpoints" / "1", config)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(b, a)
+
+
+def test_encoder_from_another_run_is_resized_too(staged):
+  """init.vit_from (an import or any run) goes through the same resize as a whole-model handoff."""
+  workdir, _ = staged
+  before = stored_params(workdir / "pretrain", stage_config("pretrain"))
+  cpt = stage_config("cpt")
+  setup = state_lib.make_setup(cpt, shd.mesh_for_config(cpt))
+  fresh = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype, device=s.sharding), setup.abstract_state["params"])
+  notes = []
+  parts = {"vit": str(workdir / "pretrain")}
+  params = jax.device_get(ckpt_lib.load_param_parts(fresh, setup.abstract_state["params"], parts,
+                                                    grids=position_grids(cpt.model), report=notes.append))
+  np.testing.assert_allclose(params["vit"]["pos_embedding"], bilinear_f64(before["vit"]["pos_embedding"], 6, 6),
+                             atol=1e-6)
+  assert [n.split(":")[0] for n in notes] == ["vit/pos_embedding"]
+  assert not np.any(params["connector"]["pos_embedding"])  # the other parts are left as they were
+
+
+def test_paper_recipe_prints_each_stage_chained(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "mm15_jax.recipe", "--config=experiments/mm15_3b.py", "--workdir=gs://bucket/3b",
+       "--launcher=slurm", "--dry_run", "--", "--config.mesh.fsdp=8"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
+  assert [line.split(":")[0] for line in lines] == ["[1/3] pretrain", "[2/3] cpt", "[3/3] sft"]
+  assert "experiments/mm15_3b.py:cpt gs://bucket/3b/cpt" in lines[1]
+  assert "--config.init.from_checkpoint=gs://bucket/3b/pretrain" in lines[1]
+  assert "--dependency=afterok:<pretrain job id>" in lines[1] and "--config.mesh.fsdp=8" in lines[2]

@@ -44,7 +44,7 @@ SOURCES = {
 }
 
 # SFT: single-image 0.8 (inside it roughly the spec's category mix: text-rich first, then
-# refer & ground, general, math), multi-image 0.1, text 0.1 (MM15_SPEC.md).
+# refer & ground, general, math), multi-image 0.1, text 0.1 (docs/recipe.md).
 # Pretraining: MM1.5's 50% captions : 10% interleaved : 40% text.
 MIXTURES = {
     "sft": {"text_rich": 0.34, "refer": 0.12, "ground": 0.12, "qa": 0.12, "counting": 0.10,

@@ -1,4 +1,4 @@
-"""MM1.5-Video, training-free (MM15_SPEC.md, "Variants"): a video is N uniformly sampled
+"""MM1.5-Video, training-free (docs/recipe.md, "Video"): a video is N uniformly sampled
 frames fed as a multi-image input, one tile per frame (no splitting, no temporal module).
 
 Frame sampling, loading and the prompt layout live in data_pipelines/video_frames.py, so
