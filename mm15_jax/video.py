@@ -3,7 +3,7 @@
   python -m mm15_jax.video --config=experiments/mm15_video.py:3b --checkpoint=SFT_WORKDIR \
       --video=frames_dir_or.gif --prompt="What happens in the video?" [--frames=24]
 
-Prints the answer. See mm15_jax/inference/video.py for the sampling rule.
+Prints the answer. The sampling rule: data_pipelines/video_frames.py.
 """
 
 from absl import app, flags, logging

@@ -99,6 +99,17 @@ def test_next_stage_starts_from_previous_params(unbroken, tmp_path):
     ckpt_lib.load_params(str(tmp_path / "nowhere"), setup.abstract_state["params"])
 
 
+def test_run_writes_its_resolved_config_and_a_run_record(unbroken):
+  from mm15_jax import run_record
+  config = tiny_config()
+  config.train.steps, config.train.warmup_steps, config.checkpoint.every, config.mesh = 6, 2, 3, MESH_A
+  assert run_record.load_config(str(unbroken)).to_dict() == config.copy_and_resolve_references().to_dict()
+  with open(unbroken / "runs.jsonl") as f:
+    runs = [json.loads(line) for line in f]
+  assert len(runs) == 1 and runs[0]["mesh"]["data"] == 8 and runs[0]["process_count"] == 1
+  assert runs[0]["device_count"] == 8 and "jax" in runs[0]["packages"]
+
+
 def test_cli_writes_metrics_events_and_checkpoints(tmp_path):
   import subprocess
   import sys

@@ -116,3 +116,15 @@ def experiment_specs():
 def test_experiment_passes_the_config_checks(spec):
   from mm15_jax.config_checks import check_config
   check_config(configs.load_experiment(spec))
+
+
+@pytest.mark.parametrize("spec", list(experiment_specs()), ids=lambda s: os.path.basename(s))
+def test_resolved_config_survives_its_json(spec):
+  """WORKDIR/config.json gives back the config a run resolved, types included (tuples stay tuples)."""
+  from mm15_jax import run_record
+  config = configs.load_experiment(spec).copy_and_resolve_references()
+  back = run_record.config_from_json(run_record.config_to_json(config))
+  assert back.to_dict() == config.to_dict()
+  def types(node):
+    return {k: types(v) for k, v in node.items()} if isinstance(node, dict) else type(node)
+  assert types(back.to_dict()) == types(config.to_dict())

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from mm15_jax import checkpoint as ckpt_lib  # noqa: E402
-from mm15_jax import configs  # noqa: E402
+from mm15_jax import configs, run_record  # noqa: E402
 from mm15_jax.convert import exporter, importer, parity  # noqa: E402
 from mm15_jax.convert.safetensors_dir import PublicCheckpoint  # noqa: E402
 from tests.tiny_setup import ROOT  # noqa: E402
@@ -118,6 +118,14 @@ def test_export_round_trip_loads_in_transformers(tmp_path):
   assert exported.keys() == original.keys()
   for name in original.keys():
     np.testing.assert_array_equal(exported.read(name), original.read(name))
+  # The import's config.json is its config.py as data: export needs no Python from the directory.
+  written = run_record.load_config(str(tmp_path / "ours"))
+  assert written.to_dict() == configs.load_experiment(str(tmp_path / "ours" / "config.py")).to_dict()
+  os.remove(tmp_path / "ours" / "config.py")
+  exporter.run_export(str(tmp_path / "ours"), str(tmp_path / "again"), dtype="float32", max_shard_bytes=50_000)
+  again = PublicCheckpoint(str(tmp_path / "again"))
+  for name in original.keys():
+    np.testing.assert_array_equal(again.read(name), original.read(name))
 
 
 def test_export_in_bfloat16_has_the_public_dtype(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import tokenizer_json
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import configs
+from mm15_jax import configs, run_record
 from mm15_jax.convert import public_decoder, public_moe_decoder, tensor_map
 from mm15_jax.convert.importer import abstract_part, import_mesh
 from mm15_jax.convert.safetensors_dir import write_checkpoint
@@ -21,12 +21,17 @@ DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.f
 
 
 def experiment_for(checkpoint_dir: str, config_spec: str | None):
-  """The experiment a checkpoint was written with: --config, else the import's CHECKPOINT/config.py."""
+  """The experiment a checkpoint was written with: --config, else the import's CHECKPOINT/config.py,
+  else the config.json its run wrote."""
   spec = config_spec or os.path.join(checkpoint_dir, "config.py")
-  if not os.path.exists(spec.partition(":")[0]):
-    raise FileNotFoundError(f"no experiment file for --checkpoint={checkpoint_dir!r}: pass --config=FILE[:arg] "
-                            "(the experiment the run was trained with)")
-  return configs.load_experiment(spec)
+  if os.path.exists(spec.partition(":")[0]):
+    return configs.load_experiment(spec)
+  if not config_spec:
+    written = run_record.find_config(checkpoint_dir)
+    if written is not None:
+      return written
+  raise FileNotFoundError(f"no experiment file for --checkpoint={checkpoint_dir!r} (and no config.json of its run): "
+                          "pass --config=FILE[:arg] (the experiment the run was trained with)")
 
 
 def run_export(checkpoint_dir: str, out_dir: str, *, config_spec: str | None = None, dtype: str = "bfloat16",

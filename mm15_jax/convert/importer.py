@@ -25,7 +25,7 @@ from etils import epath
 
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines import tokenizer_json
-from mm15_jax import configs
+from mm15_jax import configs, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.convert import public_decoder, public_moe_decoder, public_vision, tensor_map
 from mm15_jax.convert.safetensors_dir import PublicCheckpoint
@@ -213,4 +213,6 @@ def run_import(kind: str, hf_dir: str, out_dir: str, *, devices=None) -> dict:
     with open(os.path.join(out_dir, "import.json"), "w") as f:
       json.dump(dict(summary, config=part), f, indent=2, default=list)
     summary["config"] = write_experiment(out_dir, kind, part, hf_dir, tokenizer_file)
+    # The same experiment as data: usable without executing the directory's Python.
+    run_record.write_config(configs.load_experiment(summary["config"]), out_dir)
   return summary

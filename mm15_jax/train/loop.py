@@ -15,6 +15,7 @@ import data_pipelines
 from data_pipelines import pipeline as pipeline_lib
 from mm15_jax import batch as batch_lib
 from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax import run_record
 from mm15_jax import sharding as shd
 from mm15_jax.config_checks import check_config
 from mm15_jax.models.mm15 import position_grids
@@ -47,6 +48,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   tokenizer = data_pipelines.tokenizer_for_config(config)
   check_config(config, mesh, tokenizer)
   setup = state_lib.make_setup(config, mesh)
+  run_record.write_run_files(config, workdir, mesh)  # the resolved config, and where it ran
 
   n_proc, p_idx = jax.process_count(), jax.process_index()
   host_ds = data_pipelines.make_train_dataset(config, tokenizer, process_index=p_idx, process_count=n_proc)

@@ -1,0 +1,115 @@
+"""What a run writes about itself at start: its resolved config and a record of where it ran.
+
+  WORKDIR/config.json   the resolved config (`load_config(WORKDIR)` gives it back as a ConfigDict),
+                        so loading, exporting or continuing the run needs no experiment file
+  WORKDIR/runs.jsonl    one line per launch: time, command line, process count, devices, mesh,
+                        package versions, the source's git commit when there is one
+
+Written by process 0 only, each file whole or not at all (a temporary file renamed), through
+etils.epath so a `gs://` workdir works as a local one.
+"""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+from etils import epath
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "numpy")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tuples(node):
+  """JSON lists back to the tuples our configs use (sharding rules, profile steps, ...)."""
+  if isinstance(node, dict):
+    return {k: _tuples(v) for k, v in node.items()}
+  if isinstance(node, list):
+    return tuple(_tuples(v) for v in node)
+  return node
+
+
+def config_to_json(config) -> str:
+  return json.dumps(config.to_dict(), indent=1, sort_keys=True)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(_tuples(json.loads(text)))
+
+
+def config_path(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / "config.json"
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run in `workdir` (or an import's output directory) wrote."""
+  path = config_path(workdir)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a run's workdir written by this version "
+                            "(give the experiment file with --config)")
+  return config_from_json(path.read_text())
+
+
+def find_config(path: str) -> ml_collections.ConfigDict | None:
+  """The config.json of the run holding `path` (its workdir, checkpoints/ or one step directory), or None."""
+  p = epath.Path(path)
+  for candidate in (p, p.parent, p.parent.parent):
+    if config_path(candidate).exists():
+      return load_config(str(candidate))
+  return None
+
+
+def write_config(config, directory: str) -> None:
+  """DIRECTORY/config.json, whole or not at all."""
+  _write(config_path(directory), config_to_json(config))
+
+
+def _write(path: epath.Path, text: str) -> None:
+  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
+  tmp.write_text(text)
+  tmp.rename(path)
+
+
+def git_commit() -> str | None:
+  """The commit of the source tree this package runs from, if it is a git checkout."""
+  try:
+    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if out.returncode != 0:
+    return None
+  return out.stdout.strip() or None
+
+
+def versions() -> dict:
+  found = {}
+  for name in PACKAGES:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return found
+
+
+def run_entry(mesh) -> dict:
+  devices = jax.devices()
+  return dict(
+      time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=list(sys.argv), process_count=jax.process_count(),
+      device_count=len(devices), device_kind=devices[0].device_kind, platform=devices[0].platform,
+      mesh=dict(mesh.shape), python=sys.version.split()[0], packages=versions(), git_commit=git_commit())
+
+
+def write_run_files(config, workdir: str, mesh) -> None:
+  """config.json (replaced) and one runs.jsonl line (appended), from process 0."""
+  if jax.process_index() != 0:
+    return
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  write_config(config, workdir)
+  runs = directory / "runs.jsonl"
+  previous = runs.read_text() if runs.exists() else ""
+  _write(runs, previous + json.dumps(run_entry(mesh), sort_keys=True) + "\n")
