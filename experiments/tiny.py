@@ -23,7 +23,7 @@ STAGES = {
 
 
 def quick_start():
-  """The quick start: the tiny model on the built-in SFT-like mixture, from scratch."""
+  """The quick start: the tiny model on the built-in SFT-like mixture plus captions, from scratch."""
   c = configs.base()
   c.model.connector.tokens_per_tile = 4  # 4x4 patch grid pooled to 2x2
   c.model.connector.depth = 1
@@ -32,14 +32,15 @@ def quick_start():
   c.model.remat = "none"
   # Captions beside the SFT mixture: without an alignment signal whose every token depends on
   # the image, the from-scratch encoder collapses to one constant token (a blanked image then
-  # scores the same) before the harder tasks can teach it to see (benchmarks/learns_to_see.md).
+  # scores the same) before the harder tasks can teach it to see (benchmarks/RESULTS.md,
+  # "Does the quick-start model see?").
   c.data.sources = {"caption": dict(kind="builtin", weight=0.2),
                     **{name: dict(kind="builtin", weight=0.8 * w) for name, w in configs.BUILTIN_SFT.items()}}
-  c.train.steps = 300
+  c.train.steps = 450  # ~3 min on 2 idle cores with the final evaluation
   c.train.batch_size = 16
   c.train.lr = 3e-3
   c.train.warmup_steps = 20
-  c.checkpoint.every = 100
+  c.checkpoint.every = 150
   c.log_every = 10
   c.eval.generate_per_task = 24  # the quick start ends by answering held-out questions
   return c
