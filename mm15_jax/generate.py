@@ -4,13 +4,19 @@
       --image=a.png [--image=b.png] --prompt="Where is the red circle?" [--render=out.png]
 
 Boxes are printed in pixels of the first image; `--render` draws them, labelled, on it.
-Any config field can be overridden as in training (`--config.mesh.data=1`).
+Any config field can be overridden as in training (`--config.mesh.data=1`). Several processes
+(launch/local.sh with MM15_MODULE=mm15_jax.generate, or MM15_DISTRIBUTED=1) generate
+together; process 0 prints and renders.
 """
 
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mm15_jax import distributed
+
+distributed.define_flags()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=False)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoints/ or a step directory.")
@@ -30,6 +36,7 @@ def main(argv):
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  distributed.initialize()
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mm15_jax/jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
@@ -38,12 +45,14 @@ def main(argv):
 
   if _RENDER.value and not _IMAGE.value:
     raise app.UsageError("--render draws on the first image: give --image")
-  if not _CHECKPOINT.value:
+  if not _CHECKPOINT.value and distributed.is_main():
     print("warning: no --checkpoint, using randomly initialised params")
   model = load_model(_CONFIG.value, _CHECKPOINT.value or None)
   images = [as_image(path) for path in _IMAGE.value]
   answer = model.generate(_PROMPT.value, images, max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                           top_p=_TOP_P.value, seed=_SEED.value, stop=_STOP.value)
+  if not distributed.is_main():  # every process has the same answer
+    return
   print(answer.text)
   for label, box in zip(answer.labels, answer.boxes):
     print(f"  {label or 'box'}: [{', '.join(f'{v:.1f}' for v in box)}] px")

@@ -71,7 +71,7 @@ def write_config(config, directory: str) -> None:
 def _write(path: epath.Path, text: str) -> None:
   tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
   tmp.write_text(text)
-  tmp.rename(path)
+  tmp.replace(path)  # overwrites: a relaunch rewrites config.json and runs.jsonl
 
 
 def git_commit() -> str | None:

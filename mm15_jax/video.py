@@ -3,11 +3,16 @@
   python -m mm15_jax.video --config=experiments/mm15_video.py:3b --checkpoint=SFT_WORKDIR \
       --video=frames_dir_or.gif --prompt="What happens in the video?" [--frames=24]
 
-Prints the answer. The sampling rule: data_pipelines/video_frames.py.
+Prints the answer. The sampling rule: data_pipelines/video_frames.py. Several processes
+(launch/local.sh with MM15_MODULE=mm15_jax.video, or MM15_DISTRIBUTED=1): process 0 prints.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mm15_jax import distributed
+
+distributed.define_flags()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/mm15_video.py:3b.",
                                           lock_config=True)
@@ -25,13 +30,15 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  distributed.initialize()
   from mm15_jax.inference import load_model, video
 
   model = load_model(_CONFIG.value, _CHECKPOINT.value)
   answer = video.answer_video(model, _VIDEO.value, _PROMPT.value, num_frames=_FRAMES.value,
                               max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
                               top_p=_TOP_P.value, seed=_SEED.value)
-  print(answer.text)
+  if distributed.is_main():  # every process has the same answer
+    print(answer.text)
 
 
 def run():

@@ -110,6 +110,29 @@ def test_run_writes_its_resolved_config_and_a_run_record(unbroken):
   assert runs[0]["device_count"] == 8 and "jax" in runs[0]["packages"]
 
 
+def test_load_model_from_a_workdir_alone(unbroken, tmp_path):
+  from mm15_jax.inference import load_model
+  model = load_model(str(unbroken))  # no experiment file: the run's config.json
+  assert model.config.train.steps == 6 and model.config.mesh.to_dict() == MESH_A
+  checkpointer = ckpt_lib.Checkpointer(unbroken / "checkpoints")
+  saved = checkpointer.restore(setup_on(tiny_config(), MESH_A).abstract_state)["params"]
+  checkpointer.close()
+  for a, b in zip(jax.tree.leaves(jax.device_get(model.params)), jax.tree.leaves(jax.device_get(saved))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_model(str(tmp_path))
+
+
+def test_a_resumed_run_appends_to_its_run_record(unbroken, tmp_path):
+  run(tmp_path, 3, MESH_A)
+  run(tmp_path, 4, MESH_B)  # a relaunch on another mesh
+  from mm15_jax import run_record
+  assert run_record.load_config(str(tmp_path)).mesh.to_dict() == MESH_B
+  with open(tmp_path / "runs.jsonl") as f:
+    meshes = [json.loads(line)["mesh"] for line in f]
+  assert [m["tensor"] for m in meshes] == [1, 2]
+
+
 def test_cli_writes_metrics_events_and_checkpoints(tmp_path):
   import subprocess
   import sys

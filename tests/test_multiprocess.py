@@ -36,19 +36,22 @@ def train_rows(workdir):
     return [r for r in map(json.loads, f) if "kind" not in r]
 
 
-def local_sh(nproc, *args):
-  env = {**os.environ, "PYTHON": sys.executable, "MM15_LOCAL_DEVICES": "8"}
+def local_sh(nproc, *args, module="mm15_jax.train", flags=TINY_FLAGS, stderr=subprocess.STDOUT):
+  """`launch/local.sh NPROC -- FLAGS ARGS`, each process running `python -m module`; stderr
+  merged into stdout unless given (subprocess.PIPE: communicate() returns it apart)."""
+  env = {**os.environ, "PYTHON": sys.executable, "MM15_LOCAL_DEVICES": "8", "MM15_MODULE": module}
   env.pop("XLA_FLAGS", None)  # local.sh gives each process its share
   return subprocess.Popen(
-      ["bash", os.path.join(ROOT, "launch", "local.sh"), str(nproc), "--", *TINY_FLAGS, *args],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      ["bash", os.path.join(ROOT, "launch", "local.sh"), str(nproc), "--", *flags, *args],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
-def single_process(*args):
+def single_process(*args, module="mm15_jax.train", flags=TINY_FLAGS, stderr=subprocess.STDOUT):
+  """`python -m module FLAGS ARGS` in one process with 8 devices (the reference of local_sh)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   return subprocess.Popen(
-      [sys.executable, "-m", "mm15_jax.train", *TINY_FLAGS, *args],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      [sys.executable, "-m", module, *flags, *args],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def finish(proc, timeout=600):
@@ -73,8 +76,10 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
   2-process run is not the 1-process run's batch; the reference therefore concatenates the
   two processes' local batches itself and steps them on 8 devices in this process.
   """
-  rc, out = finish(local_sh(2, f"--workdir={tmp_path}", "--config.train.steps=3", "--config.checkpoint.every=3"))
+  rc, out = finish(local_sh(2, f"--workdir={tmp_path}", "--config.train.steps=3", "--config.checkpoint.every=3",
+                            "--config.eval.generate_per_task=1"))  # and ends with generation
   assert rc == 0, out[-3000:]
+  assert (tmp_path / "eval_tasks" / "REPORT.json").exists()
   got = [r["loss"] for r in train_rows(tmp_path)]
 
   config = tiny_config()

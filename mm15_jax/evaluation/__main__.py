@@ -5,13 +5,19 @@
   python -m mm15_jax.evaluation --config=experiments/tiny.py --checkpoint=WORKDIR --builtin --out=DIR
 
 Writes DIR/REPORT.json and DIR/REPORT.md (the built-in evaluation also DIR/grounding.png)
-and prints the markdown table.
+and prints the markdown table. Several processes (launch/local.sh with
+MM15_MODULE=mm15_jax.evaluation, or MM15_DISTRIBUTED=1) evaluate together over all their
+devices; process 0 writes and prints.
 """
 
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mm15_jax import distributed
+
+distributed.define_flags()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoints/ dir or one step dir.")
@@ -36,6 +42,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if bool(_BENCHMARK.value) == _BUILTIN.value:
     raise app.UsageError("give exactly one of --benchmark=FILE.jsonl and --builtin")
+  distributed.initialize()
   from mm15_jax.inference import load_model
 
   model = load_model(_CONFIG.value, _CHECKPOINT.value)
@@ -49,8 +56,9 @@ def main(argv):
 
     evaluate(model, _BENCHMARK.value, metric=_METRIC.value, image_root=_IMAGE_ROOT.value, limit=_LIMIT.value,
              batch_size=_BATCH_SIZE.value, max_new_tokens=_MAX_NEW_TOKENS.value or 64, out_dir=_OUT.value)
-  with open(os.path.join(_OUT.value, "REPORT.md")) as f:
-    print(f.read())
+  if distributed.is_main():
+    with open(os.path.join(_OUT.value, "REPORT.md")) as f:
+      print(f.read())
 
 
 if __name__ == "__main__":

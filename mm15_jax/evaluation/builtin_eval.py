@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from data_pipelines import anyres, builtin, coordinates
+from mm15_jax import distributed
 from mm15_jax.evaluation import metrics as metrics_lib
 from mm15_jax.evaluation import runner
 
@@ -129,7 +130,7 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
                       for q, a, s in list(zip(qs, answers, scores))[:3]]
     if grounding_example is None:
       grounding_example = next(((q, a) for q, a in zip(qs, answers) if q["boxes"]), None)
-  if out_dir:
+  if out_dir and distributed.is_main():  # every process generated the same answers; one writes
     os.makedirs(out_dir, exist_ok=True)
     chance = baseline_accuracy(tasks, num, seed=seed, image_scale=scale) if baseline else {}
     report = dict(accuracy=accuracy, baseline=chance, num_per_task=num, examples=examples)

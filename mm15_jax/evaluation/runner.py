@@ -20,6 +20,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from mm15_jax import distributed
 from mm15_jax.evaluation import metrics as metrics_lib
 
 IMAGE_MARKER = "<image>"
@@ -126,6 +127,6 @@ def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_ro
       tasks={task: {name: dict(score=float(np.mean(s)), num=len(s)) for name, s in d.items()}
              for task, d in by_task.items()},
       predictions=predictions)
-  if out_dir:
+  if out_dir and distributed.is_main():  # every process generated the same answers; one writes
     write_report(report, out_dir, f"Evaluation: {os.path.basename(benchmark_jsonl)}")
   return report

@@ -12,6 +12,10 @@ axes, KV heads over tensor). The host loop stops a row at a stop token or string
 batch when every row has stopped or max_new_tokens is reached; the tokens a run computed past
 that are dropped. Step i draws with the key of step i however the steps are grouped into
 runs, so the answers do not depend on STEPS_PER_CALL.
+
+Several processes (jax.distributed): every process runs the same host loop on the same global
+prompt batch; the tokens of each run are gathered so that every process reads all rows and
+takes the same stop decisions (the same device calls, in the same order, everywhere).
 """
 
 import jax
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm15_jax import distributed
 from mm15_jax import sharding as shd
 from mm15_jax.inference.sampling import sample, step_key
 from mm15_jax.models.llm import CACHE_AXES
@@ -83,7 +88,8 @@ def generate_ids(prefill, steps, params, batch, n: int, *, max_len: int, max_new
   lengths = batch["lengths"]
   ids, done, seen = [[] for _ in range(n)], np.zeros(n, bool), [[] for _ in range(n)]
   stop_ids = set(int(i) for i in stop_ids)
-  run_tokens, run_logits = np.asarray(token)[None, :n], np.asarray(logits)[None, :n] if with_logits else None
+  run_tokens = distributed.host_value(token)[None, :n]
+  run_logits = distributed.host_value(logits)[None, :n] if with_logits else None
   i = 0  # decoding step index: 0 is the token the prefill chose
   while True:
     for j in range(len(run_tokens)):
@@ -102,5 +108,5 @@ def generate_ids(prefill, steps, params, batch, n: int, *, max_len: int, max_new
     chosen, logits, cache, lengths = steps(params, cache, token, lengths, scalars[0], np.int32(i), *scalars[1:],
                                            with_logits=with_logits)
     token = chosen[-1]
-    run_tokens = np.asarray(chosen)[:, :n]  # the one wait for the device per run
-    run_logits = np.asarray(logits)[:, :n] if with_logits else None
+    run_tokens = distributed.host_value(chosen)[:, :n]  # the one wait for the device per run
+    run_logits = distributed.host_value(logits)[:, :n] if with_logits else None

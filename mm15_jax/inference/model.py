@@ -8,6 +8,10 @@ Params are placed with the training shardings on the mesh of `config.mesh` (all 
 devices; one CPU is a 1-device mesh). MoE layers run dropless ("ragged") at inference
 whatever `moe.impl` trained them: capacity dropping is a training-throughput device, and
 the parameters are the same.
+
+Several processes (jax.distributed): the mesh spans all of them, and every process makes the
+same calls with the same prompts; each builds the global batch from its own copy of them and
+gets every answer (decode.py).
 """
 
 import dataclasses
@@ -20,7 +24,7 @@ from jax.sharding import NamedSharding
 import data_pipelines
 from data_pipelines import anyres
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import configs
+from mm15_jax import configs, distributed, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.inference import decode as decode_lib
 from mm15_jax.inference import grounding
@@ -41,8 +45,15 @@ class Answer:
   labels: list[str]
 
 
-def _inference_config(config):
-  if isinstance(config, str):
+def _inference_config(config, checkpoint_dir=None):
+  if config is None or (isinstance(config, str) and not config.partition(":")[0].endswith(".py")):
+    # A run's directory: the config.json it wrote (mm15_jax/run_record.py).
+    where = str(checkpoint_dir if config is None else config)
+    config = run_record.find_config(where)
+    if config is None:
+      raise FileNotFoundError(f"no config.json of a run at or above {where!r}: pass the experiment file "
+                              "(load_model('FILE.py[:arg]', CHECKPOINT))")
+  elif isinstance(config, str):
     config = configs.load_experiment(config)
   config = config.copy_and_resolve_references()
   if config.model.moe.num_experts:
@@ -89,7 +100,11 @@ class Model:
   def _place(self, arrays: dict) -> dict:
     def put(x):
       spec = shd.logical_to_mesh(("batch",) + (None,) * (x.ndim - 1), self.rules, self.mesh)
-      return jax.device_put(x, NamedSharding(self.mesh, spec))
+      sharding = NamedSharding(self.mesh, spec)
+      if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+      # Several processes: every one holds the whole host batch and places its devices' shards.
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return {k: put(v) for k, v in arrays.items()}
 
   def _arrays(self, examples, length: int) -> dict:
@@ -124,7 +139,7 @@ class Model:
                    tiles=np.concatenate(tiles) if tiles else np.zeros((0, t, t, 3), np.uint8))
     batch = self._arrays([example], prompt_lib.bucket(len(token_ids)))
     out = self._forward(self.params, self._place({k: batch[k] for k in decode_lib.PROMPT_INPUTS[:-1]}))
-    return np.asarray(out[0, :len(token_ids)], np.float32)
+    return np.asarray(distributed.host_value(out[0, :len(token_ids)]), np.float32)
 
   def generate_tokens(self, prompts, images=None, *, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_p: float = 1.0, seed: int = 0, stop=None, with_logits: bool = False):
@@ -183,10 +198,13 @@ def _abstract(config, devices=None):
 
 def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None,
                steps_per_call: int = decode_lib.STEPS_PER_CALL) -> Model:
-  """config: a ConfigDict or an experiment spec "FILE[:arg]"; checkpoint_dir: a run's workdir,
-  its checkpoints/ directory or one step directory (the latest complete step; params only),
-  or None for a random init (config.seed). devices: the mesh's devices (default all)."""
-  config = _inference_config(config)
+  """config: a ConfigDict, an experiment spec "FILE[:arg]", or a run's workdir (its config.json;
+  then checkpoint_dir defaults to that workdir); checkpoint_dir: a run's workdir, its
+  checkpoints/ directory or one step directory (the latest complete step; params only), or None
+  for a random init (config.seed). devices: the mesh's devices (default all)."""
+  if isinstance(config, str) and not config.partition(":")[0].endswith(".py") and checkpoint_dir is None:
+    checkpoint_dir = config  # load_model(WORKDIR)
+  config = _inference_config(config, checkpoint_dir)
   mesh, graphdef, rest, abstract = _abstract(config, devices)
   def init():
     fresh = lambda: nnx.to_pure_dict(nnx.split(state_lib.build_model(config.model, config.seed), nnx.Param, ...)[1])

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from data_pipelines import packing
+from mm15_jax import distributed
 from mm15_jax.evaluation import builtin_eval
 
 SUMS = ("loss_sum", "correct", "count", "exact", "examples")  # what step.eval_step returns
@@ -48,7 +49,7 @@ def eval_sums(eval_fn, params, batches, put) -> dict:
   totals = dict.fromkeys(SUMS, 0.0)
   for host_batch in batches:
     host_batch = {k: v for k, v in host_batch.items() if k not in packing.COUNT_FIELDS}
-    out = jax.device_get(eval_fn(params, put(host_batch)))
+    out = distributed.host_value(eval_fn(params, put(host_batch)))
     for k in SUMS:
       totals[k] += float(out[k])
   return totals
@@ -104,7 +105,8 @@ class TaskGeneration:
 
   The inference model is built once; later calls only swap in the new params, so its passes
   compile once per run. The final call (report=True) also writes WORKDIR/eval_tasks/REPORT.md,
-  REPORT.json and grounding.png, and prints the report.
+  REPORT.json and grounding.png, and prints the report. Several processes: all generate every
+  answer (the same calls, so the collectives match), process 0 writes and prints.
   """
 
   def __init__(self, config, tokenizer, workdir: str):
@@ -122,11 +124,12 @@ class TaskGeneration:
     return self._model
 
   def __call__(self, params, *, report: bool = False) -> dict:
-    write = report and jax.process_index() == 0
+    # out_dir on every process: with it the report also generates blanked answers, which
+    # every process must join; evaluate_builtin writes on process 0 only.
     accuracy = builtin_eval.evaluate_builtin(
         self._model_with(params), self._config, num_per_task=self._config.eval.generate_per_task,
-        out_dir=self.out_dir if write else None, baseline=report)
-    if write:
+        out_dir=self.out_dir if report else None, baseline=report)
+    if report and distributed.is_main():
       with open(os.path.join(self.out_dir, "REPORT.md")) as f:
         print(f.read())
       print(f"grounding example: {os.path.join(self.out_dir, 'grounding.png')}")

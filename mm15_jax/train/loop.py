@@ -15,7 +15,7 @@ import data_pipelines
 from data_pipelines import pipeline as pipeline_lib
 from mm15_jax import batch as batch_lib
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import run_record
+from mm15_jax import distributed, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.config_checks import check_config
 from mm15_jax.models.mm15 import position_grids
@@ -136,7 +136,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
 
     def check_finite(done: int) -> int:
       nonlocal seen_nonfinite
-      total = 0 if nonfinite is None else int(jax.device_get(nonfinite))
+      total = 0 if nonfinite is None else int(distributed.host_value(nonfinite))
       if total > seen_nonfinite:
         msg = f"{total - seen_nonfinite} non-finite step(s) by step {done}; their updates were skipped"
         if config.train.nan_policy == "stop":
@@ -165,7 +165,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
       done = step + 1
       last = done == config.train.steps
       if done % config.log_every == 0 or last:
-        metrics = jax.device_get(metrics)  # waits for the window's steps: its wall time holds their compute
+        # Waits for the window's steps (its wall time holds their compute); host_value: a
+        # metric may come out sharded over devices of several processes.
+        metrics = distributed.host_value(metrics)
         timing = timer.end_window()
         seconds = timing["step_seconds"]
         metrics.update(

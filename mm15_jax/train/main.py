@@ -8,13 +8,12 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mm15_jax import distributed
+
+distributed.define_flags()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for multi-host runs (jax.distributed).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 
 
 def main(argv):
@@ -24,9 +23,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
 
-  if _COORDINATOR.value or os.environ.get("MM15_DISTRIBUTED") == "1":
-    # TPU pods, GKE and SLURM: jax discovers the rest from the environment when unset.
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize()  # multi-host: --coordinator_address=... or MM15_DISTRIBUTED=1
   jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mm15_jax/jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
