@@ -24,8 +24,8 @@ def command(launcher: str, args: list[str], job_name: str, *, tpu: str | None = 
   """The command that runs the trainer with `args` (from `trainer_args`).
 
   local: this machine (`processes` > 1 through launch/local.sh); tpu: every worker of the TPU VM
-  `tpu` ("NAME ZONE"); slurm: sbatch, starting after job `after` succeeds when given; gke:
-  `kubectl apply` of the manifest `gke_manifest` returns (pass it on stdin).
+  `tpu` ("NAME ZONE"), returning when the trainer exits; slurm: sbatch, starting after job `after`
+  succeeds when given; gke: `kubectl apply` of the manifest `gke_manifest` returns (pass it on stdin).
   """
   if launcher == "local":
     if processes > 1:
@@ -39,8 +39,10 @@ def command(launcher: str, args: list[str], job_name: str, *, tpu: str | None = 
   if launcher == "tpu":
     if not tpu or len(tpu.split()) != 2:
       raise ValueError("--launcher=tpu needs --tpu='TPU_NAME ZONE'")
-    return [os.path.join(ROOT, "launch", "tpu_pod.sh"), *tpu.split(), _value(args, "--config"),
-            _value(args, "--workdir"), *_rest(args)]
+    # --wait: the caller runs jobs in turn and reads the workdir after each (the trainer itself
+    # runs detached on the workers, so a dropped ssh only stops the following).
+    return [os.path.join(ROOT, "launch", "tpu_pod.sh"), "--wait", f"--job={job_name}", *tpu.split(),
+            _value(args, "--config"), _value(args, "--workdir"), *_rest(args)]
   if launcher == "gke":
     return ["kubectl", "apply", "-f", "-"]
   raise ValueError(f"--launcher={launcher!r}: expected one of {LAUNCHERS}")

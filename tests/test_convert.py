@@ -230,7 +230,7 @@ def test_tokenizer_gets_an_image_piece_and_the_model_generates(tmp_path):
   from mm15_jax.train.loop import train_and_evaluate
   config.train.steps, config.train.lr, config.log_every = 2, 1e-4, 1
   config.checkpoint.every, config.eval.batches = 0, 1
-  config.data.num_examples, config.data.eval_examples, config.data.seq_len = 64, 8, 128
+  config.data.num_examples, config.data.eval_examples = 64, 8
   result = train_and_evaluate(config, str(tmp_path / "run"), progress=False)
   assert np.isfinite(result["loss"])
   first = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())

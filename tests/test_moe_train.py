@@ -50,7 +50,9 @@ def test_tiny_moe_trains_with_expert_parallelism(impl):
   assert losses[-1] < losses[0] / 4, losses[::8]
   load = jax.device_get(metrics["expert_load"])
   assert load.shape == (4,) and abs(load.sum() - 1) < 1e-4
-  assert float(metrics["moe_lb_loss"]) >= 1.0 - 1e-3  # E * sum f_i P_i >= 1 (uniform is the minimum)
+  # E * sum f_i P_i is 1 at perfect balance and E at collapse onto one expert; near 1 after a
+  # short run under the balancing loss (not a strict bound: f and P may anticorrelate a little).
+  assert 0.95 <= float(metrics["moe_lb_loss"]) < 1.5
   assert float(metrics["moe_z_loss"]) > 0
   if impl == "ragged":
     assert float(metrics["dropped_tokens"]) == 0
