@@ -112,8 +112,11 @@ def _params_reader(directory):
 def _shapes_by_path(tree) -> dict:
   """{"llm/layers/q": shape}: comparable across our abstract tree and orbax's metadata tree
   (whose keys are strings where ours may be list indices)."""
-  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {_path_key(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _path_key(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def _restore_parts(path: str, abstract_params: dict, parts, grids: dict | None = None, report=None) -> dict:
@@ -149,11 +152,10 @@ def _restore_parts(path: str, abstract_params: dict, parts, grids: dict | None =
     args = ocp.args.PyTreeRestore(item=read_target, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(read_target))
     params = manager.restore(step, args=ocp.args.Composite(params=args))["params"]
-  for key, shape in resized.items():
-    params = _resize_grid(params, key, want[key], grids[key], _leaf(target, key).sharding)
-    if report is not None:
-      report(f"{key}: position grid resized {shape[0]}x{shape[1]} -> {want[key][0]}x{want[key][1]} "
-             f"({grids[key]}) from {directory / str(step)}")
+  params = _resize_grids(params, target, resized, grids)
+  for key, shape in resized.items() if report is not None else ():
+    report(f"{key}: position grid resized {shape[0]}x{shape[1]} -> {want[key][0]}x{want[key][1]} "
+           f"({grids[key]}) from {directory / str(step)}")
   return params
 
 
@@ -172,33 +174,24 @@ def _same_but_grid(stored: tuple, want: tuple) -> bool:
   return len(stored) == len(want) == 3 and stored[2] == want[2]
 
 
-def _leaf(tree, key: str):
-  for part in key.split("/"):
-    tree = tree[part]
-  return tree
-
-
 def _with_shapes(tree, shapes: dict):
   """`tree` (ShapeDtypeStructs) with the leaves named in `shapes` at those shapes."""
   def one(path, leaf):
-    key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    if key in shapes:
-      return jax.ShapeDtypeStruct(shapes[key], leaf.dtype, sharding=leaf.sharding)
-    return leaf
+    key = _path_key(path)
+    return jax.ShapeDtypeStruct(shapes[key], leaf.dtype, sharding=leaf.sharding) if key in shapes else leaf
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def _resize_grid(params: dict, key: str, shape: tuple, method: str, sharding) -> dict:
-  """params with the table at `key` resized to `shape` as the model resizes it at call time."""
-  table = _leaf(params, key)
-  resize = jax.jit(lambda t: resize_pos_embedding(t, shape[0], shape[1], method), out_shardings=sharding)
-  out = jax.tree_util.tree_map(lambda x: x, params)  # a copy of the containers
-  node = out
-  *parents, leaf = key.split("/")
-  for part in parents:
-    node = node[part]
-  node[leaf] = resize(table)
-  return out
+def _resize_grids(params: dict, target: dict, resized: dict, grids: dict) -> dict:
+  """params with each table named in `resized` brought to its `target` shape and sharding, as the
+  model resizes it at call time (grids[key] names the interpolation)."""
+  def one(path, value, want):
+    key = _path_key(path)
+    if key not in resized:
+      return value
+    resize = lambda t: resize_pos_embedding(t, want.shape[0], want.shape[1], grids[key])  # noqa: E731
+    return jax.jit(resize, out_shardings=want.sharding)(value)
+  return jax.tree_util.tree_map_with_path(one, params, target)
 
 
 def stored_parts(path: str) -> list[str]:

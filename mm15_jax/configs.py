@@ -286,12 +286,18 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def load_experiment(spec: str) -> ml_collections.ConfigDict:
-  """`FILE` or `FILE:arg` -> the ConfigDict it returns, as `--config=` would load it."""
-  path, _, arg = spec.partition(":")
+def experiment_module(path: str):
+  """The experiment file at `path`, executed as a module (get_config, and get_sweep / STAGES if any)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"experiment file {path!r} not found (from {spec!r})")
+    raise FileNotFoundError(f"experiment file {path!r} not found")
   module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """`FILE` or `FILE:arg` -> the ConfigDict it returns, as `--config=` would load it."""
+  path, _, arg = spec.partition(":")
+  module = experiment_module(path)
   return module.get_config(arg) if arg else module.get_config()

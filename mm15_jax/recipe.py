@@ -18,7 +18,6 @@ succeeds), gke (submits the first unfinished stage and prints the others: relaun
 when it is done).
 """
 
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -33,10 +32,7 @@ from mm15_jax.launch_commands import LAUNCHERS, command, gke_manifest, trainer_a
 
 def experiment_stages(path: str) -> list[str]:
   """The stages of the experiment file at `path`, in order."""
-  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return list(getattr(module, "STAGES", configs.STAGES))
+  return list(getattr(configs.experiment_module(path), "STAGES", configs.STAGES))
 
 
 def stage_config(path: str, stage: str, config_overrides: list[str]):

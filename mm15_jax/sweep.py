@@ -10,7 +10,6 @@ after its overrides, so rerunning a sweep resumes every point. Arguments after `
 every run (`-- --config.train.steps=100`). `--dry_run` prints the commands instead.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -19,14 +18,13 @@ import subprocess
 
 from absl import app, flags
 
+from mm15_jax import configs
 from mm15_jax.launch_commands import LAUNCHERS, ROOT, command, gke_manifest, trainer_args
 
 
 def load_sweep(spec: str) -> list[dict]:
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = configs.experiment_module(path)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{path} defines no get_sweep(); add one returning a list of override dicts")
   return module.get_sweep(arg) if arg else module.get_sweep()
