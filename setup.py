@@ -32,9 +32,14 @@ setuptools.setup(
         # torch/transformers: the public implementation the import parity tests compare with
         # (CPU wheel; on Python >= 3.12 those tests are skipped rather than pulling a CUDA build).
         # libtpu: ahead-of-time compiles for TPU topologies (mm15_jax.plan) on a CPU host.
+        # gcp-storage-emulator: the tests' GCS (tests/gcs_emulator.py).
         "test": ["pytest>=8.0", "libtpu", "torch==2.13.0; python_version < '3.12'",
-                 "transformers>=4.45; python_version < '3.12'"],
+                 "transformers>=4.45; python_version < '3.12'", "gcsfs>=2024.6.0", "google-cloud-storage>=2.14",
+                 "gcp-storage-emulator>=2024.8.3"],
         "tpu": ["libtpu"],
+        # gs:// paths: gcsfs for etils.epath (orbax's paths, data, metrics), google-cloud-storage
+        # for TensorBoard's event files. Checkpoint arrays use tensorstore's own GCS driver.
+        "gcp": ["gcsfs>=2024.6.0", "google-cloud-storage>=2.14"],
     },
     entry_points={
         "console_scripts": [

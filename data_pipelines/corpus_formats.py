@@ -15,11 +15,10 @@ sources turn those into `records.encode_error` items, counted as skips downstrea
 Also here: the shard-name patterns both sources accept (globs and `{000..099}` braces).
 """
 
-import glob
 import os
 import re
 
-from data_pipelines import records
+from data_pipelines import records, storage
 
 M = records.IMAGE_MARKER
 
@@ -68,11 +67,11 @@ def shard_files(paths, what: str) -> list[str]:
   files, missing = [], []
   for pattern in patterns:
     for name in expand_braces(os.fspath(pattern)):
-      if glob.has_magic(name):
-        matched = sorted(glob.glob(name))
+      if storage.has_magic(name):
+        matched = storage.glob(name)
         files.extend(matched)
         missing.extend([] if matched else [name])
-      elif os.path.isfile(name):
+      elif storage.isfile(name):
         files.append(name)
       else:
         missing.append(name)
@@ -104,8 +103,7 @@ def image_bytes(value, image_root: str, field: str) -> bytes:
     raise records.CorruptImage(f"{field}: {value!r:.120} is a URL and nothing is downloaded; fetch the images "
                                f"first and give their paths under image_root (or embed their bytes)")
   try:
-    with open(os.path.join(image_root, value), "rb") as f:
-      return f.read()
+    return storage.read_bytes(storage.join(image_root, value))
   except OSError as e:
     raise records.CorruptImage(f"{field}: cannot read {value!r} under image_root {image_root!r}: "
                                f"{e.strerror or e}") from e

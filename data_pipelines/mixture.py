@@ -22,7 +22,7 @@ grain's worker processes run.
 
 import grain
 
-from data_pipelines import builtin, records
+from data_pipelines import builtin, records, storage
 from data_pipelines import sources as sources_lib
 from data_pipelines.sequence import ExampleBuilder
 
@@ -54,8 +54,10 @@ def make_source(name: str, spec, config, split: str):
                                        fields=dict(_field(spec, "fields", {}) or {}))
     if kind == "webdataset":
       return sources_lib.WebDatasetSource(paths, fields=dict(_field(spec, "fields", {}) or {}))
+    storage.local_only(paths, f"{where}.{key}")
     return sources_lib.ArrayRecordSource(paths)
   if kind == "tfds":
+    storage.local_only(_field(spec, "data_dir") or "", f"{where}.data_dir")  # tfds datasets are ArrayRecord
     return sources_lib.TfdsSource(
         _field(spec, "name"), _field(spec, "eval_split" if is_eval else "split", "train"),
         _field(spec, "data_dir"), fields=dict(_field(spec, "fields", {}) or {}))

@@ -18,6 +18,7 @@ pays a row group per row: keep row groups small, or convert to ArrayRecord for l
 """
 
 import collections
+import contextlib
 import os
 import threading
 
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines import corpus_formats, records
+from data_pipelines import corpus_formats, records, storage
 
 LAYOUTS = ("interleaved", "conversations")
 # The columns each record field is read from; None or "" marks a column the data lacks.
@@ -89,6 +90,17 @@ class _RowGroupCache:
       return entry.value
 
 
+@contextlib.contextmanager
+def _parquet_file(path: str):
+  """A local file is opened by path (memory-mapped reads); a bucket object through its file object."""
+  if not storage.is_remote(path):
+    with pq.ParquetFile(path) as f:
+      yield f
+    return
+  with storage.open_file(path) as raw, pq.ParquetFile(raw) as f:
+    yield f
+
+
 class ParquetSource:
   """Serialised records from Parquet shards; picklable (grain workers reopen the files)."""
 
@@ -125,7 +137,7 @@ class ParquetSource:
   @staticmethod
   def _read_footer(path: str) -> tuple[list[str], list[int]]:
     try:
-      with pq.ParquetFile(path) as f:
+      with _parquet_file(path) as f:
         return f.schema_arrow.names, [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
     except (OSError, pa.ArrowException) as e:
       raise ValueError(f"parquet {path}: cannot read the file's footer ({type(e).__name__}: {e}); is it a complete "
@@ -145,7 +157,7 @@ class ParquetSource:
     """The row group's table, or the exception that reading it raised (its rows become errors)."""
     path = self.paths[self._group_shard[group]]
     try:
-      with pq.ParquetFile(path) as f:
+      with _parquet_file(path) as f:
         return f.read_row_group(int(self._group_in_shard[group]), columns=self.columns)
     except (OSError, pa.ArrowException) as e:
       return e
@@ -171,8 +183,8 @@ class ParquetSource:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} rows in {len(self.paths)} parquet shards")
     path, row_in_shard = self.locate(index)
-    where = f"{os.path.basename(path)} row {row_in_shard}"
-    image_root = os.path.dirname(os.path.abspath(path)) if self.image_root is None else self.image_root
+    where = f"{storage.basename(path)} row {row_in_shard}"
+    image_root = storage.dirname(path) if self.image_root is None else self.image_root
     image_of = lambda cell, field: corpus_formats.image_bytes(cell, image_root, field)
     try:
       row = self.row(index)

@@ -22,11 +22,12 @@ share no file position: each uses its own handle or a positional read.
 import glob
 import json
 import os
+import threading
 
 import grain
 import numpy as np
 
-from data_pipelines import records, video_frames
+from data_pipelines import records, storage, video_frames
 from data_pipelines.parquet_source import ParquetSource
 from data_pipelines.webdataset_source import WebDatasetSource
 
@@ -41,6 +42,7 @@ def shard_name(prefix: str, shard: int, num_shards: int) -> str:
 def _expand(path: str) -> list[str]:
   """A glob, a file, or convert's --out prefix (its index, else its shards) -> files."""
   path = os.fspath(path)
+  storage.local_only(path, "ArrayRecord path")
   if glob.has_magic(path):
     return sorted(glob.glob(path))
   if os.path.isfile(path):
@@ -213,8 +215,9 @@ class JsonlSource:
      "category": "...", "coords": "none" | "image"}
 
   images are paths under image_root (default: the file's folder), read as bytes, not
-  decoded. Other keys (an "id", say) are ignored; blank lines are not records. A line that
-  is bad JSON, malformed, or names a missing image becomes an error item (see module doc).
+  decoded. The file and image_root may be local or in a bucket (gs://, storage.py). Other
+  keys (an "id", say) are ignored; blank lines are not records. A line that is bad JSON,
+  malformed, or names a missing image becomes an error item (see module doc).
 
   A video clip (MM1.5-Video SFT) is a line with "video" instead of "images":
 
@@ -228,13 +231,13 @@ class JsonlSource:
   """
 
   def __init__(self, path: str, image_root: str | None = None, frames: int | None = None):
-    self.path = os.fspath(path)
+    self.path = storage.absolute(path)
     self.frames = int(frames or video_frames.DEFAULT_FRAMES)
     if self.frames < 1:
       raise ValueError(f"frames={frames}: frames sampled per video must be >= 1 (config.video.frames)")
-    self.image_root = os.path.dirname(os.path.abspath(self.path)) if image_root is None else os.fspath(image_root)
+    self.image_root = storage.dirname(self.path) if image_root is None else os.fspath(image_root)
     starts, lines, offset = [], [], 0
-    with open(self.path, "rb") as f:
+    with storage.open_file(self.path) as f:
       for number, line in enumerate(f, start=1):
         if line.strip():
           starts.append(offset)
@@ -243,9 +246,14 @@ class JsonlSource:
     self._starts = np.asarray(starts + [offset], np.int64)  # one past the last line: its end
     self._line_numbers = np.asarray(lines, np.int64)
     self._file = None
+    self._remote = threading.local() if storage.is_remote(self.path) else None
 
-  def __getstate__(self):
-    return {**self.__dict__, "_file": None}  # each worker opens its own handle
+  def __getstate__(self):  # each worker opens its own handles
+    return {**self.__dict__, "_file": None, "_remote": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._remote = threading.local() if storage.is_remote(self.path) else None
 
   def __len__(self) -> int:
     return len(self._line_numbers)
@@ -254,6 +262,12 @@ class JsonlSource:
     return int(self._line_numbers[index])
 
   def _line(self, index: int) -> bytes:
+    start, size = int(self._starts[index]), int(self._starts[index + 1] - self._starts[index])
+    if self._remote is not None:  # a bucket object: one handle per reader thread, seek + read
+      if getattr(self._remote, "handle", None) is None:
+        self._remote.handle = storage.open_file(self.path)
+      self._remote.handle.seek(start)
+      return self._remote.handle.read(size)
     # Two threads racing here may each open the file; each keeps its own reference for the
     # read, because the handle that loses the race is closed when its last reference goes.
     handle = self._file
@@ -261,12 +275,12 @@ class JsonlSource:
       handle = self._file = open(self.path, "rb", buffering=0)
     # pread, not seek + read: no shared file position, so grain's reader threads cannot
     # read each other's lines.
-    return os.pread(handle.fileno(), int(self._starts[index + 1] - self._starts[index]), int(self._starts[index]))
+    return os.pread(handle.fileno(), size, start)
 
   def __getitem__(self, index: int) -> bytes:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} records in {self.path}")
-    where = f"{os.path.basename(self.path)} line {self.line_number(index)}"
+    where = f"{storage.basename(self.path)} line {self.line_number(index)}"
     try:
       line = json.loads(self._line(index))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
@@ -281,8 +295,7 @@ class JsonlSource:
     images = []
     for i, rel in enumerate(paths):
       try:
-        with open(os.path.join(self.image_root, rel), "rb") as f:
-          images.append(f.read())
+        images.append(storage.read_bytes(storage.join(self.image_root, rel)))
       except OSError as e:
         return records.encode_error(f"{where}: images[{i}]: cannot read {rel!r}: {e.strerror or e}",
                                     corrupt_image=True)
@@ -301,7 +314,7 @@ class JsonlSource:
       return records.encode_error(f"{where}: images: a video line's images are its frames; give `video` or "
                                   "`images`, not both")
     try:
-      frames = video_frames.load_frame_bytes(os.path.join(self.image_root, video), self.frames)
+      frames = video_frames.load_frame_bytes(storage.join(self.image_root, video), self.frames)
     except Exception as e:  # noqa: BLE001  Pillow raises OSError, ValueError, SyntaxError, ...
       return records.encode_error(f"{where}: video: cannot read {video!r}: {e}", corrupt_image=True)
     try:

@@ -16,7 +16,7 @@ import tempfile
 
 import sentencepiece as spm
 
-from data_pipelines import builtin, sequence
+from data_pipelines import builtin, sequence, storage
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 IMAGE_TOKEN = "<image>"
@@ -143,7 +143,7 @@ def load_tokenizer_file(path: str):
   """A tokenizer file (e.g. an import's): a Hugging Face tokenizer.json (`.json`, with the
   tokenizer_config.json beside it naming its special tokens) or a SentencePiece .model file.
   It must have `<image>` and an end-of-sequence token."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"config.data.tokenizer={path!r}: no such file; give a SentencePiece .model file or a "
                             "tokenizer.json, '' for the built-in tokenizer or 'none' for token ids only")
   if path.endswith(".json"):
@@ -151,8 +151,7 @@ def load_tokenizer_file(path: str):
 
     tokenizer = tokenizer_json.load(path)
   else:
-    with open(path, "rb") as f:
-      tokenizer = Tokenizer(f.read())
+    tokenizer = Tokenizer(storage.read_bytes(path))
   if tokenizer.image_id is None:
     raise ValueError(f"config.data.tokenizer={path!r} has no {IMAGE_TOKEN} token; `python -m mm15_jax.convert "
                      "import` adds it (data_pipelines.tokenizer.with_image_piece, tokenizer_json.with_image_token)")

@@ -8,10 +8,10 @@ start with their first text token. pad falls back to eos (padding is masked out 
 """
 
 import json
-import os
 
 import tokenizers
 
+from data_pipelines import storage
 from data_pipelines.tokenizer import IMAGE_TOKEN
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token")
@@ -72,22 +72,20 @@ class JsonTokenizer:
 
 def config_path(tokenizer_path: str) -> str:
   """Where a tokenizer.json's tokenizer_config.json (its special tokens) lies: beside it."""
-  return os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), "tokenizer_config.json")
+  return storage.join(storage.dirname(tokenizer_path), "tokenizer_config.json")
 
 
 def read_config(tokenizer_path: str) -> dict:
   """The tokenizer_config.json beside a tokenizer.json ({} if there is none)."""
   path = config_path(tokenizer_path)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def load(path: str) -> JsonTokenizer:
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  return JsonTokenizer(text, {k: v for k, v in read_config(path).items() if k in SPECIAL_KEYS}, name=path)
+  special = {k: v for k, v in read_config(path).items() if k in SPECIAL_KEYS}
+  return JsonTokenizer(storage.read_text(path), special, name=path)
 
 
 def with_image_token(tokenizer_json: str) -> str:

@@ -14,11 +14,12 @@ them "Image 1:" .. "Image N:" (data.anyres.indicators="index") in time order.
 """
 
 import io
-import os
 import re
 
 import numpy as np
 from PIL import Image, ImageSequence
+
+from data_pipelines import storage
 
 IMAGE_MARKER = "<image>"
 DEFAULT_FRAMES = 24  # MM1.5-Video
@@ -42,10 +43,10 @@ def _natural_key(name: str):
 
 def frame_files(folder: str) -> list[str]:
   """The image files of a folder in natural order."""
-  names = [n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS) and not n.startswith(".")]
+  names = [n for n in storage.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS) and not n.startswith(".")]
   if not names:
     raise ValueError(f"{folder}: no frame images ({', '.join(FRAME_EXTENSIONS)})")
-  return [os.path.join(folder, n) for n in sorted(names, key=_natural_key)]
+  return [storage.join(folder, n) for n in sorted(names, key=_natural_key)]
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
@@ -53,10 +54,10 @@ def _rgb(image: Image.Image) -> np.ndarray:
 
 
 def _gif_frames(video: str, num_frames: int) -> list[np.ndarray]:
-  if not os.path.exists(video):
+  if not storage.exists(video):
     raise FileNotFoundError(f"video {video!r} not found (a folder of frames or an animated GIF)")
   try:
-    with Image.open(video) as image:
+    with storage.open_file(video) as f, Image.open(f) as image:
       total = getattr(image, "n_frames", 1)
       wanted = set(sample_indices(total, num_frames))
       # Sequential decoding: GIF frames are deltas of the ones before.
@@ -68,11 +69,11 @@ def _gif_frames(video: str, num_frames: int) -> list[np.ndarray]:
 
 def load_frames(video: str, num_frames: int) -> list[np.ndarray]:
   """num_frames uint8 [H, W, 3] frames sampled uniformly from a folder of frames or a GIF."""
-  if os.path.isdir(video):
+  if storage.isdir(video):
     frames = []
     files = frame_files(video)
     for i in sample_indices(len(files), num_frames):
-      with Image.open(files[i]) as image:
+      with storage.open_file(files[i]) as f, Image.open(f) as image:
         frames.append(_rgb(image))
     return frames
   return _gif_frames(video, num_frames)
@@ -81,13 +82,9 @@ def load_frames(video: str, num_frames: int) -> list[np.ndarray]:
 def load_frame_bytes(video: str, num_frames: int) -> list[bytes]:
   """The same frames as load_frames, encoded: a folder's files as they are (no decode, as
   JSONL images), a GIF's frames as PNG (a GIF frame is not a file of its own)."""
-  if os.path.isdir(video):
+  if storage.isdir(video):
     files = frame_files(video)
-    out = []
-    for i in sample_indices(len(files), num_frames):
-      with open(files[i], "rb") as f:
-        out.append(f.read())
-    return out
+    return [storage.read_bytes(files[i]) for i in sample_indices(len(files), num_frames)]
   encoded = []
   for frame in _gif_frames(video, num_frames):
     buffer = io.BytesIO()

@@ -15,12 +15,11 @@ members. The index travels with the source when grain pickles it into worker pro
 """
 
 import json
-import os
 import tarfile
 
 import numpy as np
 
-from data_pipelines import corpus_formats, records
+from data_pipelines import corpus_formats, records, storage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 FIELDS = dict(conversations="conversations", caption="caption")  # keys of the .json member
@@ -37,7 +36,8 @@ def index_shard(path: str) -> list[tuple[str, list[tuple[str, int, int]]]]:
   """[(key, [(extension, data offset, size), ...]), ...]: the shard's samples in tar order."""
   samples = []
   try:
-    with tarfile.open(path, mode="r:") as tar:  # "r:": no compression, so members lie at fixed offsets
+    # "r:": no compression, so members lie at fixed offsets.
+    with storage.open_file(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
       for member in tar:
         key, extension = split_name(member.name)
         if not member.isfile() or not key or key.rpartition("/")[2].startswith("."):
@@ -120,7 +120,7 @@ class WebDatasetSource:
     """{extension: bytes} of sample `index`, read by seeking (a handle per call: thread-safe)."""
     begin, end = self._member_starts[index], self._member_starts[index + 1]
     out = {}
-    with open(self.paths[self._shard[index]], "rb") as f:
+    with storage.open_file(self.paths[self._shard[index]]) as f:
       for m in range(begin, end):
         f.seek(int(self._offsets[m]))
         data = f.read(int(self._sizes[m]))
@@ -133,7 +133,7 @@ class WebDatasetSource:
   def __getitem__(self, index: int) -> bytes:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} samples in {len(self.paths)} webdataset shards")
-    where, key = os.path.basename(self.paths[self._shard[index]]), self._keys[index]
+    where, key = storage.basename(self.paths[self._shard[index]]), self._keys[index]
     try:
       record = sample_record(key, self.members(index), self.fields)
     except OSError as e:

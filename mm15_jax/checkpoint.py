@@ -19,15 +19,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from data_pipelines import storage
 from mm15_jax.models.vit import resize_pos_embedding
 
 
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(storage.absolute(directory))  # epath's absolute() breaks gs:// paths
     self.manager = ocp.CheckpointManager(
-        self.directory.absolute(),
+        self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -96,7 +97,7 @@ def _read_only(directory, **kwargs):
   """A read-only CheckpointManager. Orbax warns about the options a read-only manager ignores and
   about every item a params-only read leaves out: noise in a run's log, so only errors show."""
   with _only_errors_logged():
-    manager = ocp.CheckpointManager(epath.Path(directory).absolute(),
+    manager = ocp.CheckpointManager(epath.Path(storage.absolute(directory)),
                                     options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
     try:
       yield manager

@@ -18,13 +18,13 @@ succeeds), gke (submits the first unfinished stage and prints the others: relaun
 when it is done).
 """
 
-import os
 import shlex
 import subprocess
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data_pipelines import storage
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import configs
 from mm15_jax.launch_commands import LAUNCHERS, command, gke_manifest, trainer_args
@@ -67,9 +67,9 @@ def plan(path: str, workdir: str, stages: list[str], extra: list[str], check_pro
     if not config.checkpoint.every:
       raise ValueError(f"{path}:{stage}: config.checkpoint.every=0 saves nothing, so no next stage could "
                        "start from it; set --config.checkpoint.every=N (the last step is always saved)")
-    stage_dir = os.path.join(workdir, stage)
+    stage_dir = storage.join(workdir, stage)
     # A later stage's own override wins over the experiment's (placeholder) start.
-    start = {"init.from_checkpoint": os.path.join(workdir, previous)} if previous else {}
+    start = {"init.from_checkpoint": storage.join(workdir, previous)} if previous else {}
     done = stage_progress(stage_dir) if check_progress else None
     entries.append(dict(stage=stage, workdir=stage_dir, steps=config.train.steps, done_steps=done,
                         finished=done is not None and done >= config.train.steps,

@@ -20,6 +20,8 @@ import jax
 import ml_collections
 from etils import epath
 
+from data_pipelines import storage
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "numpy")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,9 +71,7 @@ def write_config(config, directory: str) -> None:
 
 
 def _write(path: epath.Path, text: str) -> None:
-  tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-  tmp.write_text(text)
-  tmp.replace(path)  # overwrites: a relaunch rewrites config.json and runs.jsonl
+  storage.write_text_atomic(os.fspath(path), text)  # overwrites: a relaunch rewrites config.json and runs.jsonl
 
 
 def git_commit() -> str | None:

@@ -11,13 +11,13 @@ every run (`-- --config.train.steps=100`). `--dry_run` prints the commands inste
 """
 
 import json
-import os
 import re
 import shlex
 import subprocess
 
 from absl import app, flags
 
+from data_pipelines import storage
 from mm15_jax import configs
 from mm15_jax.launch_commands import LAUNCHERS, ROOT, command, gke_manifest, trainer_args
 
@@ -40,13 +40,13 @@ def report(workdir: str) -> str:
   """One row per point: last step, last train loss, final eval metrics."""
   cols = ("step", "loss", "eval_loss", "token_accuracy", "exact_match")
   rows = []
-  for name in sorted(os.listdir(workdir)):
-    path = os.path.join(workdir, name, "metrics.jsonl")
-    if not os.path.exists(path):
+  for name in storage.listdir(workdir):
+    path = storage.join(workdir, name, "metrics.jsonl")
+    if not storage.exists(path):
       continue
     train, evals = {}, {}
-    with open(path) as f:
-      for r in map(json.loads, f):
+    with storage.open_file(path, "r") as f:
+      for r in map(json.loads, filter(str.strip, f)):
         if "kind" not in r:
           train = r
         elif r["kind"] == "eval":
@@ -81,7 +81,7 @@ def main(argv):
     return
   points = load_sweep(flags.FLAGS.config)
   for i, overrides in enumerate(points):
-    workdir = os.path.join(flags.FLAGS.workdir, point_name(overrides))
+    workdir = storage.join(flags.FLAGS.workdir, point_name(overrides))
     args = trainer_args(flags.FLAGS.config, workdir, overrides, extra)
     cmd = command(flags.FLAGS.launcher, args, f"mm15-sweep-{i}", tpu=flags.FLAGS.tpu)
     stdin = gke_manifest(args, f"mm15-sweep-{i}") if flags.FLAGS.launcher == "gke" else None

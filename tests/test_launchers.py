@@ -222,7 +222,7 @@ def test_dockerfile_installs_the_way_the_readme_does():
   (run,) = [r for r in runs if "pip install" in r]
   docker_steps = [s.strip() for s in run.split("&&")]
   assert docker_steps[:-1] == install[:-1]
-  assert shlex.split(docker_steps[-1]) == ["pip", "install", "-e", ".[tpu]"]  # plus the TPU runtime
+  assert shlex.split(docker_steps[-1]) == ["pip", "install", "-e", ".[tpu,gcp]"]  # the TPU runtime, gs:// paths
   setup = open(os.path.join(ROOT, "setup.py")).read()
   assert re.search(r'"tpu": \[', setup)  # the extra exists
   copied = " ".join(line for line in open(os.path.join(ROOT, "Dockerfile")).read().splitlines()

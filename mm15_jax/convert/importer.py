@@ -23,8 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from data_pipelines import storage, tokenizer_json
 from data_pipelines import tokenizer as tokenizer_lib
-from data_pipelines import tokenizer_json
 from mm15_jax import configs, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.convert import public_decoder, public_moe_decoder, public_vision, tensor_map
@@ -131,7 +131,7 @@ def add_image_token(llm_params: dict, part: dict, tokenizer):
 
 
 def save_part(out_dir: str, kind: str, params) -> None:
-  manager = ocp.CheckpointManager(epath.Path(out_dir).absolute() / "checkpoints",
+  manager = ocp.CheckpointManager(epath.Path(storage.absolute(out_dir)) / "checkpoints",
                                   options=ocp.CheckpointManagerOptions(create=True), item_names=("params",))
   manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({kind: params})))
   manager.wait_until_finished()

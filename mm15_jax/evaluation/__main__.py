@@ -10,11 +10,11 @@ MM15_MODULE=mm15_jax.evaluation, or MM15_DISTRIBUTED=1) evaluate together over a
 devices; process 0 writes and prints.
 """
 
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from data_pipelines import storage
 from mm15_jax import distributed
 
 distributed.define_flags()
@@ -57,8 +57,7 @@ def main(argv):
     evaluate(model, _BENCHMARK.value, metric=_METRIC.value, image_root=_IMAGE_ROOT.value, limit=_LIMIT.value,
              batch_size=_BATCH_SIZE.value, max_new_tokens=_MAX_NEW_TOKENS.value or 64, out_dir=_OUT.value)
   if distributed.is_main():
-    with open(os.path.join(_OUT.value, "REPORT.md")) as f:
-      print(f.read())
+    print(storage.read_text(storage.join(_OUT.value, "REPORT.md")))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ padding colour): a model that reads its images scores lower there than with them
 
 import collections
 import json
-import os
 
 import numpy as np
 
-from data_pipelines import anyres, builtin, coordinates
+from data_pipelines import anyres, builtin, coordinates, storage
 from mm15_jax import distributed
 from mm15_jax.evaluation import metrics as metrics_lib
 from mm15_jax.evaluation import runner
@@ -131,23 +130,22 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
     if grounding_example is None:
       grounding_example = next(((q, a) for q, a in zip(qs, answers) if q["boxes"]), None)
   if out_dir and distributed.is_main():  # every process generated the same answers; one writes
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     chance = baseline_accuracy(tasks, num, seed=seed, image_scale=scale) if baseline else {}
     report = dict(accuracy=accuracy, baseline=chance, num_per_task=num, examples=examples)
     if blind:
       report["blanked"] = blind
     if grounding_example:
-      report["grounding_png"] = render_grounding(*grounding_example, os.path.join(out_dir, "grounding.png"))
-    with open(os.path.join(out_dir, "REPORT.json"), "w") as f:
-      json.dump(report, f, indent=1)
+      report["grounding_png"] = render_grounding(*grounding_example, storage.join(out_dir, "grounding.png"))
+    storage.write_text_atomic(storage.join(out_dir, "REPORT.json"), json.dumps(report, indent=1))
     table = [[t, num, 100 * accuracy[t]] + ([100 * chance[t]] if chance else []) + ([100 * blind[t]] if blind else [])
              for t in tasks]
     header = (["task", "num", "accuracy (%)"] + (["baseline (%)"] if chance else [])
               + (["images blanked (%)"] if blind else []))
-    with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
-      f.write("# Built-in held-out evaluation\n\n" + runner.markdown_table(header, table))
-      if grounding_example:
-        f.write("\n![grounding example](grounding.png)\n")
+    markdown = "# Built-in held-out evaluation\n\n" + runner.markdown_table(header, table)
+    if grounding_example:
+      markdown += "\n![grounding example](grounding.png)\n"
+    storage.write_text_atomic(storage.join(out_dir, "REPORT.md"), markdown)
   return accuracy
 
 

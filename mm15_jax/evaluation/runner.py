@@ -15,11 +15,11 @@ the first image, as Model.generate returns it) at IoU >= 0.5.
 
 import collections
 import json
-import os
 
 import numpy as np
 from PIL import Image
 
+from data_pipelines import storage
 from mm15_jax import distributed
 from mm15_jax.evaluation import metrics as metrics_lib
 
@@ -28,7 +28,7 @@ METRIC_NAMES = (*metrics_lib.METRICS, "grounding")
 
 
 def load_image(path: str) -> np.ndarray:
-  with Image.open(path) as image:
+  with storage.open_file(path) as f, Image.open(f) as image:
     return np.asarray(image.convert("RGB"))
 
 
@@ -41,7 +41,7 @@ def with_markers(question: str, num_images: int) -> str:
 
 def read_rows(path: str, limit: int | None = None) -> list[dict]:
   rows = []
-  with open(path) as f:
+  with storage.open_file(path, "r") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -85,13 +85,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def write_report(report: dict, out_dir: str, title: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "REPORT.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  storage.makedirs(out_dir)
+  storage.write_text_atomic(storage.join(out_dir, "REPORT.json"), json.dumps(report, indent=1))
   table = [[task, name, v["num"], 100 * v["score"]] for task, by_metric in report["tasks"].items()
            for name, v in by_metric.items()]
-  with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
-    f.write(f"# {title}\n\n" + markdown_table(["task", "metric", "num", "score (%)"], table))
+  storage.write_text_atomic(storage.join(out_dir, "REPORT.md"),
+                            f"# {title}\n\n" + markdown_table(["task", "metric", "num", "score (%)"], table))
 
 
 def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_root: str | None = None,
@@ -104,12 +103,12 @@ def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_ro
   "score"}]}; with out_dir, also REPORT.json and REPORT.md there.
   """
   rows = read_rows(benchmark_jsonl, limit)
-  image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(benchmark_jsonl))
-  default_task = os.path.splitext(os.path.basename(benchmark_jsonl))[0]
+  image_root = image_root if image_root is not None else storage.dirname(benchmark_jsonl)
+  default_task = storage.basename(benchmark_jsonl).rsplit(".", 1)[0]
   predictions = []
   for start in range(0, len(rows), batch_size):
     batch = rows[start:start + batch_size]
-    images = [[load_image(os.path.join(image_root, p)) for p in (r["images"] if "images" in r else [r["image"]])]
+    images = [[load_image(storage.join(image_root, p)) for p in (r["images"] if "images" in r else [r["image"]])]
               if ("images" in r or "image" in r) else [] for r in batch]
     prompts = [with_markers(r["question"], len(ims)) for r, ims in zip(batch, images)]
     answers = model.generate_batch(prompts, images, max_new_tokens=max_new_tokens, **generate_kwargs)
@@ -128,5 +127,5 @@ def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_ro
              for task, d in by_task.items()},
       predictions=predictions)
   if out_dir and distributed.is_main():  # every process generated the same answers; one writes
-    write_report(report, out_dir, f"Evaluation: {os.path.basename(benchmark_jsonl)}")
+    write_report(report, out_dir, f"Evaluation: {storage.basename(benchmark_jsonl)}")
   return report

@@ -10,7 +10,7 @@ Lengths are padded to power-of-two buckets so that a new prompt rarely means a n
 import numpy as np
 import PIL.Image
 
-from data_pipelines import records
+from data_pipelines import records, storage
 
 MIN_BUCKET = 64
 
@@ -18,8 +18,7 @@ MIN_BUCKET = 64
 def as_image(image) -> np.ndarray:
   """A path, encoded bytes, a PIL image or an array -> uint8 [H, W, 3] RGB."""
   if isinstance(image, str):
-    with open(image, "rb") as f:
-      image = f.read()
+    image = storage.read_bytes(image)  # a local file or gs://
   if isinstance(image, bytes):
     return records.decode_image(image)
   if isinstance(image, PIL.Image.Image):

@@ -5,6 +5,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data_pipelines import storage
+
 COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
 
@@ -34,5 +36,6 @@ def render(image, answer_or_boxes, labels=None, path=None, *, min_side: int = 25
     draw.rectangle((x, y, x + right - left + 4, y + bottom - top + 4), fill=color)
     draw.text((x + 2 - left, y + 2 - top), label, fill=(255, 255, 255), font=font)
   if path is not None:
-    picture.save(path, format="PNG")
+    with storage.open_file(path, "wb") as f:
+      picture.save(f, format="PNG")
   return picture

@@ -5,34 +5,33 @@
 
 `config.init.from_checkpoint=WORKDIR/best` or `inference.load_model(config, "WORKDIR/best")`
 loads it. best.json is the commit point: a new best's params are written completely first
-(orbax writes a temporary directory and renames it), then best.json is replaced by rename,
+(orbax writes a temporary directory and renames it), then best.json is replaced whole,
 and only then is the previous best deleted. A run killed at any moment leaves best.json
 naming complete params; a resumed run reads it back, so the best so far survives restarts.
 """
 
 import json
 import math
-import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from data_pipelines import storage
+
 RECORD = "best.json"
 
 
 def best_dir(workdir: str) -> str:
-  return os.path.join(workdir, "best")
+  return storage.join(workdir, "best")
 
 
 def read_record(workdir: str) -> dict | None:
   """The committed best of a run ({"step", "metric", "value", "mode"}), or None."""
-  path = os.path.join(best_dir(workdir), RECORD)
-  if not os.path.exists(path):
+  path = storage.join(best_dir(workdir), RECORD)
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 class BestCheckpoint:
@@ -49,23 +48,21 @@ class BestCheckpoint:
       if (committed.get("metric"), committed.get("mode")) != (metric, mode):
         self.record = None  # another metric: its best stays on disk until this run commits one
         self.note = f"best checkpoint: {committed} was chosen by another metric; starting over by {metric}"
-      elif not os.path.isdir(self._params_path(committed["step"])):
+      elif not storage.isdir(self._params_path(committed["step"])):
         raise FileNotFoundError(
-            f"{os.path.join(self.directory, RECORD)} names step {committed['step']} but its params are missing; "
+            f"{storage.join(self.directory, RECORD)} names step {committed['step']} but its params are missing; "
             f"delete {self.directory} to start the best checkpoint over")
     if jax.process_index() == 0:
       self._remove_all_but(committed["step"] if committed else None)
 
   def _params_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(int(step)), "params")
+    return storage.join(self.directory, str(int(step)), "params")
 
   def _remove_all_but(self, step: int | None) -> None:
     """Step directories best.json does not name: replaced bests, or a save a kill interrupted."""
-    if not os.path.isdir(self.directory):
-      return
-    for name in os.listdir(self.directory):
-      if name != RECORD and name != str(step) and os.path.isdir(os.path.join(self.directory, name)):
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    for name in storage.listdir(self.directory):
+      if name != RECORD and name != str(step) and storage.isdir(storage.join(self.directory, name)):
+        storage.rmtree(storage.join(self.directory, name))
 
   def is_better(self, value: float) -> bool:
     if not math.isfinite(value):
@@ -85,18 +82,13 @@ class BestCheckpoint:
       return False  # the same step again (a resumed run re-evaluating it): its params are saved already
     checkpointer = ocp.StandardCheckpointer()
     try:
-      checkpointer.save(epath.Path(self._params_path(step)).absolute(), params)
+      checkpointer.save(epath.Path(storage.absolute(self._params_path(step))), params)
       checkpointer.wait_until_finished()
     finally:
       checkpointer.close()
     record = dict(step=int(step), metric=self.metric, value=value, mode=self.mode)
     if jax.process_index() == 0:
-      tmp = os.path.join(self.directory, RECORD + ".tmp")
-      with open(tmp, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, os.path.join(self.directory, RECORD))
+      storage.write_text_atomic(storage.join(self.directory, RECORD), json.dumps(record))
       self._remove_all_but(step)
     self.record = record
     return True

@@ -16,12 +16,10 @@ Every pass reads the same batches and sums in a fixed order, so a fixed checkpoi
 same numbers every time.
 """
 
-import os
-
 import jax
 import numpy as np
 
-from data_pipelines import packing
+from data_pipelines import packing, storage
 from mm15_jax import distributed
 from mm15_jax.evaluation import builtin_eval
 
@@ -111,7 +109,7 @@ class TaskGeneration:
 
   def __init__(self, config, tokenizer, workdir: str):
     self._config, self._tokenizer = config, tokenizer
-    self.out_dir = os.path.join(workdir, "eval_tasks")
+    self.out_dir = storage.join(workdir, "eval_tasks")
     self._model = None
 
   def _model_with(self, params):
@@ -130,9 +128,8 @@ class TaskGeneration:
         self._model_with(params), self._config, num_per_task=self._config.eval.generate_per_task,
         out_dir=self.out_dir if report else None, baseline=report)
     if report and distributed.is_main():
-      with open(os.path.join(self.out_dir, "REPORT.md")) as f:
-        print(f.read())
-      print(f"grounding example: {os.path.join(self.out_dir, 'grounding.png')}")
+      print(storage.read_text(storage.join(self.out_dir, "REPORT.md")))
+      print(f"grounding example: {storage.join(self.out_dir, 'grounding.png')}")
     return accuracy
 
 

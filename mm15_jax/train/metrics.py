@@ -5,10 +5,11 @@ TensorBoard tags are "<kind>/<name>", e.g. "train/data_wait_fraction", "eval/qa/
 """
 
 import json
-import os
 
 import jax
 import tqdm
+
+from data_pipelines import storage
 
 
 class MetricsWriter:
@@ -21,10 +22,11 @@ class MetricsWriter:
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    # In a bucket the file is rewritten whole at each write (no appends there) and TensorBoard
+    # uploads its event file through google-cloud-storage (the `gcp` extra).
+    self._jsonl = storage.Appender(storage.join(workdir, "metrics.jsonl"))
     from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
     if progress:
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 

@@ -13,8 +13,13 @@ result before the trace stops: the trace holds the device work of every traced s
 
 import contextlib
 import os
+import shutil
+import tempfile
 
 import jax
+from etils import epath
+
+from data_pipelines import storage
 
 
 def check_steps(profile, train_steps: int) -> list[str]:
@@ -33,8 +38,8 @@ def check_steps(profile, train_steps: int) -> list[str]:
 
 
 def trace_dir(workdir: str, all_processes: bool) -> str:
-  base = os.path.join(workdir, "profile")
-  return os.path.join(base, f"process_{jax.process_index()}") if all_processes else base
+  base = storage.join(workdir, "profile")
+  return storage.join(base, f"process_{jax.process_index()}") if all_processes else base
 
 
 class StepProfiler:
@@ -46,14 +51,17 @@ class StepProfiler:
     self.enabled = bool(steps) and (profile.all_processes or jax.process_index() == 0)
     self.directory = trace_dir(workdir, profile.all_processes)
     self.active = False
+    self._local = None  # a bucket workdir: the trace is written here, then uploaded
 
   @contextlib.contextmanager
   def step(self, index: int):
     """Starts the trace at the first step in range (also after a resume inside it) and marks each
     traced step for the trace viewer's step view."""
     if self.enabled and not self.active and self.start <= index < self.end:
-      os.makedirs(self.directory, exist_ok=True)
-      jax.profiler.start_trace(self.directory)
+      if storage.is_remote(self.directory):
+        self._local = tempfile.mkdtemp(prefix="mm15_profile_")
+      storage.makedirs(self.directory)
+      jax.profiler.start_trace(self._local or self.directory)
       self.active = True
     if self.active:
       with jax.profiler.StepTraceAnnotation("train", step_num=index):
@@ -69,3 +77,15 @@ class StepProfiler:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+      if self._local:
+        _upload(self._local, self.directory)
+        shutil.rmtree(self._local, ignore_errors=True)
+        self._local = None
+
+
+def _upload(local_dir: str, remote_dir: str) -> None:
+  for folder, _, files in os.walk(local_dir):
+    for name in files:
+      source = os.path.join(folder, name)
+      target = epath.Path(remote_dir) / os.path.relpath(source, local_dir)
+      target.write_bytes(epath.Path(source).read_bytes())
