@@ -10,6 +10,7 @@ Buckets have no append and no rename: `write_text_atomic` writes an object in on
 remote. ArrayRecord readers need local files: see `local_only`.
 """
 
+import contextlib
 import glob as _glob
 import os
 import shutil
@@ -133,6 +134,25 @@ def glob(pattern) -> list[str]:
 
 def escape(path) -> str:
   return _glob.escape(os.fspath(path))
+
+
+@contextlib.contextmanager
+def local_copy(folder):
+  """Yields a local folder with the files of `folder`: itself when local, else a temporary copy of
+  a bucket folder's files (not its subfolders), removed afterwards. For readers that need local
+  files (safetensors memory-maps them)."""
+  if not is_remote(folder):
+    yield os.fspath(folder)
+    return
+  local = tempfile.mkdtemp(prefix="mm15_copy_")
+  try:
+    for item in epath.Path(folder).iterdir():
+      if item.is_file():
+        with item.open("rb") as source, open(os.path.join(local, item.name), "wb") as target:
+          shutil.copyfileobj(source, target, 16 << 20)
+    yield local
+  finally:
+    shutil.rmtree(local, ignore_errors=True)
 
 
 class Appender:

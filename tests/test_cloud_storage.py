@@ -143,3 +143,27 @@ def test_load_model_from_the_bucket_gives_the_reference_params(bucket_run):
   workdir, local, *_ = bucket_run
   got, want = inference.load_model(workdir).params, inference.load_model(local).params
   jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), got, want)
+
+
+def test_export_and_import_through_the_bucket(bucket_run, tmp_path):
+  """The bucket run exported to the bucket (float32) holds the local reference's export, byte for
+  byte; imported back from the bucket into the bucket, its decoder equals the run's."""
+  from mm15_jax.convert import exporter, importer
+
+  workdir, local, *_ = bucket_run
+  exported = f"{workdir}_hf"
+  exporter.run_export(workdir, exported, dtype="float32", max_shard_bytes=100_000)
+  exporter.run_export(local, str(tmp_path / "hf"), dtype="float32", max_shard_bytes=100_000)
+  names = sorted(os.listdir(tmp_path / "hf"))
+  assert storage.listdir(exported) == names and "model.safetensors.index.json" in names
+  for name in names:
+    assert storage.read_bytes(storage.join(exported, name)) == (tmp_path / "hf" / name).read_bytes(), name
+  imported = f"{workdir}_imported"
+  summary = importer.run_import("llm", exported, imported)
+  assert summary["source"] == exported and storage.exists(storage.join(imported, "config.py"))
+  config = run_record.load_config(imported)
+  assert config.init.llm_from == imported
+  model = inference.load_model(workdir)
+  again = ckpt_lib.load_param_parts({}, {"llm": jax.tree.map(lambda a: a, model.params["llm"])}, {"llm": imported})
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), again["llm"],
+               model.params["llm"])

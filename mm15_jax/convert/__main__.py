@@ -4,6 +4,10 @@
   python -m mm15_jax.convert check --hf=HF_DIR --checkpoint=DIR          # max relative difference
   python -m mm15_jax.convert export --checkpoint=DIR --out=HF_DIR [--config=FILE] [--dtype=bfloat16]
 
+Several processes (launch/local.sh, a pod): `import` reads on every process only the slices its
+devices hold and process 0 writes the config files; `export` gathers the decoder to every process
+and process 0 writes. --out may be a bucket (gs://).
+
 `import` reads a Llama/Mistral/Qwen2 or Mixtral (MoE) decoder or a CLIP/SigLIP vision tower saved as
 safetensors (config.json beside), writes DIR/checkpoints (orbax) and DIR/config.py; start
 training from it with --config.init.llm_from=DIR / --config.init.vit_from=DIR. `check`
@@ -15,10 +19,13 @@ import sys
 
 from absl import app, flags
 
+from mm15_jax import distributed
+
 COMMANDS = ("import", "export", "check")
 
 
 def main(argv):
+  distributed.initialize()
   from mm15_jax.convert import exporter, importer, parity
 
   f = flags.FLAGS
@@ -29,12 +36,14 @@ def main(argv):
     if not (f.hf and f.out):
       raise app.UsageError("import needs --hf=DIR (config.json + *.safetensors) and --out=DIR")
     summary = importer.run_import(f.kind, f.hf, f.out)
-    print(json.dumps(summary, indent=2))
+    if distributed.is_main():
+      print(json.dumps(summary, indent=2))
   elif command == "export":
     if not (f.checkpoint and f.out):
       raise app.UsageError("export needs --checkpoint=DIR and --out=DIR")
     shards = exporter.run_export(f.checkpoint, f.out, config_spec=f.config, dtype=f.dtype)
-    print(f"wrote {len(shards)} shard(s) and config.json to {f.out}")
+    if distributed.is_main():
+      print(f"wrote {len(shards)} shard(s) and config.json to {f.out}")
   else:
     if not (f.hf and f.checkpoint):
       raise app.UsageError("check needs --hf=DIR and --checkpoint=DIR")
@@ -46,6 +55,7 @@ def main(argv):
 
 def run():
   # Defined here, not at import: tests import several tools into one process.
+  distributed.define_flags()
   flags.DEFINE_enum("kind", "llm", ["llm", "vit"], "import: a decoder LLM or an image encoder")
   flags.DEFINE_string("hf", None, "a public model directory: config.json + *.safetensors")
   flags.DEFINE_string("out", None, "output directory (must be new)")

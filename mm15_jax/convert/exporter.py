@@ -3,15 +3,14 @@
 fetched one layer at a time and written in shards of bounded size, so the host holds one shard,
 never the whole model."""
 
-import os
 
 import ml_dtypes
 import numpy as np
 
+from data_pipelines import storage, tokenizer_json
 from data_pipelines import tokenizer as tokenizer_lib
-from data_pipelines import tokenizer_json
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import configs, run_record
+from mm15_jax import configs, distributed, run_record
 from mm15_jax.convert import public_decoder, public_moe_decoder, tensor_map
 from mm15_jax.convert.importer import abstract_part, import_mesh
 from mm15_jax.convert.safetensors_dir import write_checkpoint
@@ -23,8 +22,8 @@ DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.f
 def experiment_for(checkpoint_dir: str, config_spec: str | None):
   """The experiment a checkpoint was written with: --config, else the import's CHECKPOINT/config.py,
   else the config.json its run wrote."""
-  spec = config_spec or os.path.join(checkpoint_dir, "config.py")
-  if os.path.exists(spec.partition(":")[0]):
+  spec = config_spec or storage.join(checkpoint_dir, "config.py")
+  if storage.exists(spec.partition(":")[0]):
     return configs.load_experiment(spec)
   if not config_spec:
     written = run_record.find_config(checkpoint_dir)
@@ -46,6 +45,10 @@ def run_export(checkpoint_dir: str, out_dir: str, *, config_spec: str | None = N
   mesh = import_mesh(devices)
   abstract, _ = abstract_part(config, "llm", mesh)
   params = ckpt_lib.load_param_parts({}, {"llm": abstract}, {"llm": checkpoint_dir})["llm"]
+  # Several processes: every one gathers the decoder (a collective), process 0 writes.
+  params = distributed.host_value(params)
+  if not distributed.is_main():
+    return []
   extra, tok = tokenizer_files(config.data.get("tokenizer", ""))
   public = (public_decoder.public_config(llm, dtype=dtype) if moe is None else
             public_moe_decoder.public_config(llm, moe, dtype=dtype))
@@ -70,7 +73,7 @@ def tokenizer_files(source: str):
     return {"tokenizer.model": source}, tok
   files = {"tokenizer.json": source}
   beside = tokenizer_json.config_path(source)
-  if os.path.isfile(beside):
+  if storage.isfile(beside):
     files["tokenizer_config.json"] = beside
   return files, tok
 

@@ -15,6 +15,7 @@ config.seed), and training starts from it through `config.init.llm_from` / `vit_
 import json
 import os
 import pprint
+import shutil
 import tempfile
 
 import jax
@@ -108,9 +109,9 @@ def write_tokenizer(hf_dir: str, out_dir: str, model_config: dict) -> str | None
   else:
     return None
   for name, data in files.items():
-    with open(os.path.join(out_dir, name), "wb") as f:
+    with storage.open_file(storage.join(out_dir, name), "wb") as f:
       f.write(data)
-  return os.path.join(out_dir, next(iter(files)))
+  return storage.join(out_dir, next(iter(files)))
 
 
 def add_image_token(llm_params: dict, part: dict, tokenizer):
@@ -180,39 +181,64 @@ def write_experiment(out_dir: str, kind: str, part: dict, source: str, tokenizer
     extra = (f"  c.model.connector.hidden_dim = {part['width']}\n"
              f"  c.model.connector.tokens_per_tile = {tokens}\n  c.data.max_tiles = 4\n")
     title = "Image encoder"
-  path = os.path.join(out_dir, "config.py")
-  text = CONFIG_TEMPLATE.format(title=title, source=os.path.abspath(source), path=path, out=out_dir, kind=kind,
+  path = storage.join(out_dir, "config.py")
+  text = CONFIG_TEMPLATE.format(title=title, source=storage.absolute(source), path=path, out=out_dir, kind=kind,
                                 part=pprint.pformat(part, indent=4, sort_dicts=False), extra=extra, moe=moe_lines)
-  fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  storage.write_text_atomic(path, text)
   return path
 
 
+def load_written_experiment(out_dir: str, config_py: str):
+  """The ConfigDict of an import's config.py. In a bucket the file cannot be executed where it
+  lies: a local copy is, and its paths (HERE) are pointed back at the bucket."""
+  if not storage.is_remote(out_dir):
+    return configs.load_experiment(config_py)
+  local = tempfile.mkdtemp(prefix="mm15_import_")
+  try:
+    copy = os.path.join(local, "config.py")
+    with open(copy, "w") as f:
+      f.write(storage.read_text(config_py))
+    config = configs.load_experiment(copy)
+  finally:
+    shutil.rmtree(local, ignore_errors=True)
+  for kind in ("llm", "vit"):
+    if config.init[f"{kind}_from"] == local:
+      config.init[f"{kind}_from"] = out_dir
+  if config.data.tokenizer.startswith(local + os.sep):
+    config.data.tokenizer = storage.join(out_dir, os.path.basename(config.data.tokenizer))
+  return config
+
+
 def run_import(kind: str, hf_dir: str, out_dir: str, *, devices=None) -> dict:
-  """The whole import; returns a summary (param count, bytes read, paths)."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(os.path.join(out_dir, "config.py")) or os.path.exists(os.path.join(out_dir, "checkpoints")):
+  """The whole import; returns a summary (param count, bytes read, paths). hf_dir and out_dir may
+  be in a bucket (gs://): a bucket model directory is copied to a local folder first (safetensors
+  files are memory-mapped), the import is written to the bucket directly."""
+  out_dir = storage.absolute(out_dir)
+  if storage.exists(storage.join(out_dir, "config.py")) or storage.exists(storage.join(out_dir, "checkpoints")):
     raise FileExistsError(f"--out={out_dir!r} already holds an import; give a new directory")
+  with storage.local_copy(hf_dir) as local_hf:
+    return _import(kind, local_hf, out_dir, devices, source=storage.absolute(hf_dir))
+
+
+def _import(kind: str, hf_dir: str, out_dir: str, devices, source: str) -> dict:
   checkpoint = PublicCheckpoint(hf_dir)
   stats = {}
   part, params = read_part(kind, checkpoint, import_mesh(devices), stats=stats)
   tokenizer_file = None
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   if kind == "llm":
     tokenizer_file = write_tokenizer(hf_dir, out_dir, checkpoint.config)
     if tokenizer_file:  # loaded as training will load it: <image> and eos are checked here
       params, part = add_image_token(params, part, tokenizer_lib.load_tokenizer_file(tokenizer_file))
   save_part(out_dir, kind, params)
-  summary = dict(kind=kind, source=os.path.abspath(hf_dir), model_type=checkpoint.config.get("model_type"),
+  summary = dict(kind=kind, source=source, model_type=checkpoint.config.get("model_type"),
                  params=int(sum(np.prod(a.shape) for a in jax.tree.leaves(params))),
                  bytes_read=checkpoint.bytes_read, largest_host_array=stats.get("largest_host_array", 0),
                  tokenizer=tokenizer_file)
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "import.json"), "w") as f:
-      json.dump(dict(summary, config=part), f, indent=2, default=list)
-    summary["config"] = write_experiment(out_dir, kind, part, hf_dir, tokenizer_file)
+    storage.write_text_atomic(storage.join(out_dir, "import.json"),
+                              json.dumps(dict(summary, config=part), indent=2, default=list))
+    summary["config"] = write_experiment(out_dir, kind, part, source, tokenizer_file)
     # The same experiment as data: usable without executing the directory's Python.
-    run_record.write_config(configs.load_experiment(summary["config"]), out_dir)
+    run_record.write_config(load_written_experiment(out_dir, summary["config"]), out_dir)
   return summary

@@ -17,6 +17,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from data_pipelines import storage
+
 INDEX = "model.safetensors.index.json"
 
 
@@ -86,7 +88,10 @@ def write_checkpoint(out_dir: str, tensors, config: dict, *, max_shard_bytes: in
   """Writes (name, array) pairs from the iterable `tensors` as safetensors shards of at most
   `max_shard_bytes` (one tensor may exceed it alone), the index when there are several, and
   config.json; `extra_files` {name: source path} are copied beside. Only one shard's tensors
-  are held at a time. Returns the shard file names."""
+  are held at a time. Returns the shard file names. A bucket out_dir (gs://) is written in a
+  local temporary folder, then uploaded with config.json last (what loaders look for first)."""
+  if storage.is_remote(out_dir):
+    return _write_to_bucket(out_dir, tensors, config, max_shard_bytes, extra_files)
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise FileExistsError(f"--out={out_dir!r} exists and is not empty; give a new directory")
@@ -128,11 +133,29 @@ def write_checkpoint(out_dir: str, tensors, config: dict, *, max_shard_bytes: in
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
     for name, source in (extra_files or {}).items():
-      shutil.copyfile(source, os.path.join(tmp, name))
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(storage.read_bytes(source))  # a local file or gs://
     if os.path.exists(out_dir):
       os.rmdir(out_dir)  # empty (checked above)
     os.replace(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  return shards
+
+
+def _write_to_bucket(out_dir: str, tensors, config: dict, max_shard_bytes: int, extra_files) -> list[str]:
+  if storage.listdir(out_dir):
+    raise FileExistsError(f"--out={out_dir!r} exists and is not empty; give a new directory")
+  local = tempfile.mkdtemp(prefix="mm15_export_")
+  try:
+    shards = write_checkpoint(os.path.join(local, "out"), tensors, config, max_shard_bytes=max_shard_bytes,
+                              extra_files=extra_files)
+    names = sorted(os.listdir(os.path.join(local, "out")), key=lambda name: name == "config.json")
+    for name in names:
+      with open(os.path.join(local, "out", name), "rb") as source, storage.open_file(storage.join(out_dir, name),
+                                                                                      "wb") as target:
+        shutil.copyfileobj(source, target)
+  finally:
+    shutil.rmtree(local, ignore_errors=True)
   return shards
