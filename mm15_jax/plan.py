@@ -38,7 +38,9 @@ What the report counts:
                    x chips x peak), is an upper bound.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -503,15 +505,24 @@ def execute(f, argv=None) -> list[dict]:
 
 def main(argv):
   del argv
+  from mm15_jax import distributed
+
+  distributed.initialize()
+  # Several processes (a pod's job running the planner): each plans the same, process 0 prints.
+  quiet = contextlib.nullcontext() if distributed.is_main() else contextlib.redirect_stdout(io.StringIO())
   try:
-    execute(flags.FLAGS)
+    with quiet:
+      execute(flags.FLAGS)
   except ValueError as e:
     sys.exit(f"error: {e}")
 
 
 def run():
+  from mm15_jax import distributed
+
   # Plans compile for TPU topologies or simulated devices: never probe for local accelerators.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  distributed.define_flags()
   define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -19,6 +19,7 @@ when it is done).
 """
 
 import shlex
+import signal
 import subprocess
 
 from absl import app, flags, logging
@@ -47,6 +48,7 @@ def stage_config(path: str, stage: str, config_overrides: list[str]):
 def stage_progress(workdir: str) -> int | None:
   """The last checkpointed step of the run in `workdir`, or None."""
   directory = ckpt_lib.workdir_checkpoints(workdir)
+  storage.forget_listings(directory)  # the stage just run wrote there from other processes
   try:
     return ckpt_lib.latest_step(directory) if ckpt_lib.path_exists(directory) else None
   except ImportError as e:  # fsspec's message for gs:// without gcsfs
@@ -114,8 +116,7 @@ def main(argv):
     if f.launcher == "gke" and i > entries.index(next(e for e in entries if not e["finished"])):
       continue  # printed only: a JobSet cannot wait for another
     # Relative paths (the experiment file, the workdir) stay relative to where the recipe runs.
-    result = subprocess.run(cmd, input=stdin, text=True, check=True,
-                            capture_output=f.launcher == "slurm")
+    result = run_forwarding_sigterm(cmd, stdin, capture=f.launcher == "slurm")
     if f.launcher == "slurm":
       after = result.stdout.strip().split(";")[0]
       print(f"  submitted job {after}", flush=True)
@@ -127,8 +128,35 @@ def main(argv):
     if done is None or done < entry["steps"]:
       raise SystemExit(f"{entry['stage']} stopped at step {done} of {entry['steps']} (preempted?); "
                        "relaunch the recipe to resume it")
+    if result.preempted:
+      raise SystemExit(f"preempted after {entry['stage']} finished; relaunch the recipe to go on")
   if not f.dry_run and f.launcher in ("local", "tpu"):
     print(f"recipe finished: {', '.join(e['stage'] for e in entries)} in {f.workdir}", flush=True)
+
+
+def run_forwarding_sigterm(cmd: list[str], stdin: str | None, capture: bool) -> subprocess.CompletedProcess:
+  """Runs a stage; a SIGTERM to the recipe (a preemption, `scancel`, a pod's stop) is passed on
+  to it, so the trainers save at their next step boundary and the recipe stops after them.
+  Raises CalledProcessError on a failure, as subprocess.run(check=True)."""
+  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else None, text=True,
+                          stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None)
+  preempted = []
+
+  def forward(signum, frame):
+    del frame
+    preempted.append(signum)
+    proc.send_signal(signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGTERM, forward)
+  try:
+    out, err = proc.communicate(stdin)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if proc.returncode:
+    raise subprocess.CalledProcessError(proc.returncode, cmd, out, err)
+  result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+  result.preempted = bool(preempted)
+  return result
 
 
 def run():

@@ -69,13 +69,20 @@ def _define_flags():
 
 def main(argv):
   del argv
+  from mm15_jax import distributed
+
+  distributed.initialize()  # several processes: the devices of all of them fill the mesh
   import jax
   devices = flags.FLAGS.devices or jax.device_count()
   summary = summarize(flags.FLAGS.config, devices)
-  print(json.dumps(summary) if flags.FLAGS.json else format_table(summary))
+  if distributed.is_main():
+    print(json.dumps(summary) if flags.FLAGS.json else format_table(summary))
 
 
 def run():
+  from mm15_jax import distributed
+
+  distributed.define_flags()
   _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

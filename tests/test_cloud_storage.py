@@ -9,6 +9,8 @@ step and the same params. Data sources in the bucket read the same items as the 
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from etils import epath
 from gcs_emulator import running
-from test_multiprocess import finish, single_process
+from test_multiprocess import ROOT, finish, single_process
 from test_web_sources import _sources, corpus  # noqa: F401  (corpus: a fixture)
 
 from data_pipelines import sources, storage
@@ -167,3 +169,13 @@ def test_export_and_import_through_the_bucket(bucket_run, tmp_path):
   again = ckpt_lib.load_param_parts({}, {"llm": jax.tree.map(lambda a: a, model.params["llm"])}, {"llm": imported})
   jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), again["llm"],
                model.params["llm"])
+
+
+def test_listings_written_by_another_process_are_seen(bucket):
+  root = f"{bucket}/listing"
+  storage.write_text_atomic(f"{root}/1/a", "a")
+  assert storage.listdir(root) == ["1"]
+  subprocess.run([sys.executable, "-c", f"from data_pipelines import storage; storage.write_text_atomic({root!r} + "
+                  "'/2/a', 'a')"], check=True, cwd=ROOT)
+  storage.forget_listings(root)
+  assert storage.listdir(root) == ["1", "2"]

@@ -106,3 +106,17 @@ def test_two_process_generate_samples_the_one_process_answer(checkpoint, tmp_pat
   outs = one_and_two("mm15_jax.generate", flags, lambda name: [])
   assert outs["one"], "no answer printed"
   assert outs["two"] == outs["one"]  # the same sampled answer (and boxes), printed once
+
+
+def test_two_process_summary_and_plan_print_the_one_process_result():
+  """The mesh's -1 axis is filled by the devices of every process: 8 in both launches."""
+  summary = one_and_two("mm15_jax.summary", ["--config=experiments/tiny.py", "--json"], lambda name: [])
+  assert summary["two"] == summary["one"] and len(summary["one"]) == 1  # one JSON line, from process 0
+  assert json.loads(summary["one"][0])["mesh"]["data"] == 8
+  plan = one_and_two("mm15_jax.plan", ["--config=experiments/tiny.py", "--devices=8", "--device_memory_gib=16",
+                      "--device_peak_tflops=1", "--json", "--noprobe"],
+                     lambda name: [])
+  assert len(plan["two"]) == len(plan["one"]) == 1
+  one, two = json.loads(plan["one"][0]), json.loads(plan["two"][0])
+  del one["compile_s"], two["compile_s"]  # wall time
+  assert two == one and one["chips"] == 8
