@@ -1,7 +1,8 @@
 """Workdirs and data in a bucket (gs://), against a GCS emulator on 127.0.0.1 (gcs_emulator.py).
 
-The journey: the quick-start config trained with --workdir=gs://BUCKET/run, stopped by SIGTERM
-and relaunched, keeping a best checkpoint, then loaded with load_model("gs://BUCKET/run").
+The journey: the quick-start config trained with --workdir=gs://BUCKET/run on a mixture whose
+JSONL + images and Parquet sources are in the bucket, stopped by SIGTERM and relaunched, keeping
+a best checkpoint, then loaded with load_model("gs://BUCKET/run"), exported and imported.
 The reference is the same run, uninterrupted, in a local folder: the same losses at every
 step and the same params. Data sources in the bucket read the same items as the local files.
 """
@@ -76,13 +77,18 @@ def _upload(local_root, remote_root):
       (epath.Path(remote_root) / os.path.relpath(path, local_root)).write_bytes(epath.Path(path).read_bytes())
 
 
+def _corpus_in_bucket(bucket, root) -> str:
+  remote = f"{bucket}/corpus"
+  if not storage.exists(f"{remote}/llava.jsonl"):
+    _upload(str(root), remote)
+  return remote
+
+
 @pytest.mark.parametrize("which", range(4))
 def test_parquet_webdataset_and_jsonl_sources_read_the_bucket_as_local_files(bucket, corpus, which):  # noqa: F811
   """Each source over the corpus uploaded to the bucket gives the local source's items, byte for byte."""
   root, _ = corpus
-  remote = epath.Path(f"{bucket}/corpus")
-  if not (remote / "llava.jsonl").exists():
-    _upload(str(root), str(remote))
+  remote = epath.Path(_corpus_in_bucket(bucket, root))
   (name, local, _), (_, in_bucket, _) = _sources(root)[which], _sources(remote)[which]
   assert len(in_bucket) == len(local) > 0
   assert [in_bucket[i] for i in range(len(local))] == [local[i] for i in range(len(local))]
@@ -92,14 +98,28 @@ def test_parquet_webdataset_and_jsonl_sources_read_the_bucket_as_local_files(buc
   assert [jsonl_bucket[i] for i in range(len(jsonl_local))] == [jsonl_local[i] for i in range(len(jsonl_local))]
 
 
+def _sources_flag(root) -> str:
+  """The built-in QA task beside a JSONL + images source and a Parquet source under root."""
+  return "--config.data.sources=" + repr({
+      "qa": dict(kind="builtin", weight=0.6),
+      "llava": dict(kind="jsonl", weight=0.2, path=f"{root}/llava.jsonl", eval_path=f"{root}/llava.jsonl"),
+      "obelics": dict(kind="parquet", weight=0.2, paths=f"{root}/obelics-*.parquet",
+                      eval_paths=f"{root}/obelics-*.parquet")})
+
+
 @pytest.fixture(scope="module")
-def bucket_run(bucket, tmp_path_factory):
-  """(bucket workdir, local reference workdir, outputs of the stopped and the relaunched run)."""
+def bucket_run(bucket, corpus, tmp_path_factory):  # noqa: F811
+  """(bucket workdir, local reference workdir, outputs of the stopped and the relaunched run).
+  Both train on the same mixture: its JSONL and Parquet sources local for the reference, in the
+  bucket for the bucket run."""
+  root, _ = corpus
+  remote = _corpus_in_bucket(bucket, root)
   local = str(tmp_path_factory.mktemp("reference"))
-  code, out = finish(single_process(f"--workdir={local}", *RUN))
+  code, out = finish(single_process(f"--workdir={local}", *RUN, _sources_flag(root)))
   assert code == 0, out[-3000:]
   workdir = f"{bucket}/run"
-  proc = single_process(f"--workdir={workdir}", *RUN)
+  run = [*RUN, _sources_flag(remote)]
+  proc = single_process(f"--workdir={workdir}", *run)
   deadline = time.time() + 600
   while not (storage.exists(storage.join(workdir, "metrics.jsonl")) and rows(workdir)):
     assert proc.poll() is None, proc.communicate()[0][-3000:]
@@ -108,7 +128,7 @@ def bucket_run(bucket, tmp_path_factory):
   proc.send_signal(signal.SIGTERM)
   code, stopped = finish(proc)
   assert code == 0, stopped[-3000:]
-  code, resumed = finish(single_process(f"--workdir={workdir}", *RUN))
+  code, resumed = finish(single_process(f"--workdir={workdir}", *run))
   assert code == 0, resumed[-3000:]
   return workdir, local, stopped, resumed
 
@@ -126,6 +146,9 @@ def test_a_bucket_run_stops_and_resumes_exactly(bucket_run):
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s]["loss"] for s in sorted(got)], [want[s]["loss"] for s in sorted(want)],
                              rtol=1e-6)
+  evals, reference = _by_step(rows(workdir, "eval")), _by_step(rows(local, "eval"))
+  for source in ("llava", "obelics", "qa"):  # every source was read (from the bucket) and evaluated
+    assert evals[STEPS][f"{source}/loss"] == pytest.approx(reference[STEPS][f"{source}/loss"], rel=1e-6)
   assert ckpt_lib.latest_step(storage.join(workdir, "checkpoints")) == STEPS
   assert [p.name for p in epath.Path(workdir, "tensorboard").iterdir()]  # the event file was uploaded
   config = run_record.load_config(workdir)
