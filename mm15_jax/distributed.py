@@ -48,6 +48,13 @@ def host_value(tree):
                       tree)
 
 
+def from_main(value: int) -> int:
+  """Process 0's integer, on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def is_main() -> bool:
   """Process 0: the one that writes reports and prints results."""
   return jax.process_index() == 0

@@ -202,3 +202,24 @@ def test_sigkill_during_saves_loses_only_the_steps_after_the_last_complete_check
   got = {r["step"]: r["loss"] for r in train_rows(killed)}
   for step in (last + 1, last + 2):
     assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got, want)
+
+
+def test_a_run_preempted_at_an_eval_step_evaluates_it_on_relaunch(tmp_path, monkeypatch):
+  """The preemption save at step 2 (an eval step) exits before evaluating; the relaunch evaluates
+  step 2 before training on, so the eval curve has no hole."""
+  from mm15_jax.train import preemption
+
+  config = tiny_config()
+  config.train.steps, config.eval.every, config.eval.generate_per_task = 4, 2, 0
+  config.checkpoint.async_save = False
+  monkeypatch.setattr(preemption.PreemptionWatch, "should_stop", lambda self, step: step == 2)
+  assert train_and_evaluate(config, str(tmp_path), progress=False) == dict(preempted_at=2)
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [r["step"] for r in map(json.loads, f) if r.get("kind") == "eval"] == []
+  monkeypatch.setattr(preemption.PreemptionWatch, "should_stop", lambda self, step: False)
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [r["step"] for r in map(json.loads, f) if r.get("kind") == "eval"] == [2, 4]
+  train_and_evaluate(config, str(tmp_path), progress=False)  # finished: nothing is evaluated again
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [r["step"] for r in map(json.loads, f) if r.get("kind") == "eval"] == [2, 4, 4]

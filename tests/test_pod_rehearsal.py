@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from gcs_emulator import running
 from test_multiprocess import ROOT
@@ -113,3 +114,24 @@ def test_export_on_two_processes_to_the_bucket_equals_one_process(journey, tmp_p
   assert storage.listdir(f"{sft}_hf") == names
   for name in names:
     assert storage.read_bytes(storage.join(f"{sft}_hf", name)) == (tmp_path / "hf" / name).read_bytes(), name
+
+
+def test_import_on_two_processes_from_and_to_the_bucket(journey):
+  """The two-process export read back by a two-process import (bucket to bucket): the run's decoder."""
+  import jax
+
+  sft = f"{journey['workdir']}/sft"
+  if not storage.exists(f"{sft}_hf/config.json"):
+    pytest.skip("needs the export of test_export_on_two_processes_to_the_bucket_equals_one_process")
+  env = {**os.environ, "PYTHON": sys.executable, "MM15_LOCAL_DEVICES": "8", "MM15_MODULE": "mm15_jax.convert"}
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "--", "import", "--kind=llm",
+                        f"--hf={sft}_hf", f"--out={sft}_imported"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  assert out.stdout.count('"kind": "llm"') == 1  # the summary, from process 0
+  assert run_record.load_config(f"{sft}_imported").init.llm_from == f"{sft}_imported"
+  model = inference.load_model(sft)
+  imported = ckpt_lib.load_param_parts({}, {"llm": model.params["llm"]}, {"llm": f"{sft}_imported"})["llm"]
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), imported,
+               model.params["llm"])

@@ -16,6 +16,8 @@ Every pass reads the same batches and sums in a fixed order, so a fixed checkpoi
 same numbers every time.
 """
 
+import json
+
 import jax
 import numpy as np
 
@@ -131,6 +133,21 @@ class TaskGeneration:
       print(storage.read_text(storage.join(self.out_dir, "REPORT.md")))
       print(f"grounding example: {storage.join(self.out_dir, 'grounding.png')}")
     return accuracy
+
+
+def missed_at(config, workdir: str, start: int) -> bool:
+  """Whether a run resuming at `start` must evaluate before its first step: a preemption at an
+  evaluation step saves that step and exits without evaluating it, so its metrics.jsonl has no
+  eval row there. Process 0 reads the file; every process gets its answer (eval is collective)."""
+  if not (config.eval.every and 0 < start < config.train.steps and start % config.eval.every == 0):
+    return False
+  missed = 0
+  if distributed.is_main():
+    path = storage.join(workdir, "metrics.jsonl")
+    lines = storage.read_text(path).splitlines() if storage.exists(path) else []
+    rows = map(json.loads, filter(str.strip, lines))
+    missed = not any(r.get("kind") == "eval" and r.get("step") == start for r in rows)
+  return bool(distributed.from_main(int(missed)))
 
 
 def all_builtin(config) -> bool:

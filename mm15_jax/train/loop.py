@@ -147,6 +147,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         seen_nonfinite = total
       return total
 
+    if in_training_eval.missed_at(config, workdir, start):  # preempted at an eval step
+      evaluate(state, final=False)
+
     timer = StepTimer()
     first_timed = True
     for step in range(start, config.train.steps):
