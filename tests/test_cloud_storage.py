@@ -28,7 +28,7 @@ from mm15_jax import inference, run_record
 
 STEPS = 6
 RUN = [f"--config.train.steps={STEPS}", "--config.checkpoint.every=2", "--config.eval.every=2",
-       "--config.eval.best_metric=loss", "--config.train.warmup_steps=2"]
+       "--config.eval.best_metric=loss", "--config.train.warmup_steps=2", "--config.profile.steps=(4, 5)"]
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,10 @@ def test_a_bucket_run_stops_and_resumes_exactly(bucket_run):
     assert evals[STEPS][f"{source}/loss"] == pytest.approx(reference[STEPS][f"{source}/loss"], rel=1e-6)
   assert ckpt_lib.latest_step(storage.join(workdir, "checkpoints")) == STEPS
   assert [p.name for p in epath.Path(workdir, "tensorboard").iterdir()]  # the event file was uploaded
+  # The profiler writes to a local folder; the trace is uploaded when it stops.
+  local_traces = storage.glob(f"{local}/profile/plugins/profile/*/*.xplane.pb")
+  traces = storage.glob(f"{workdir}/profile/plugins/profile/*/*.xplane.pb")
+  assert len(traces) == len(local_traces) == 1 and storage.read_bytes(traces[0])[:16]
   config = run_record.load_config(workdir)
   assert config.train.steps == STEPS and config.eval.best_metric == "loss"
 
