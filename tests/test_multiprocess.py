@@ -220,6 +220,27 @@ def test_a_run_preempted_at_an_eval_step_evaluates_it_on_relaunch(tmp_path, monk
   train_and_evaluate(config, str(tmp_path), progress=False)
   with open(tmp_path / "metrics.jsonl") as f:
     assert [r["step"] for r in map(json.loads, f) if r.get("kind") == "eval"] == [2, 4]
-  train_and_evaluate(config, str(tmp_path), progress=False)  # finished: nothing is evaluated again
+  train_and_evaluate(config, str(tmp_path), progress=False)  # finished: evaluated again, in place of the old row
   with open(tmp_path / "metrics.jsonl") as f:
-    assert [r["step"] for r in map(json.loads, f) if r.get("kind") == "eval"] == [2, 4, 4]
+    assert [r["step"] for r in map(json.loads, f) if r.get("kind") == "eval"] == [2, 4]
+
+
+def test_metrics_keep_one_row_per_step_across_a_resume(tmp_path):
+  """A kill after steps 3-4 were logged but before step 4's save: the relaunch resumes at 2, logs
+  3 and 4 again in place of the old rows, and marks where it resumed."""
+  import shutil
+
+  config = tiny_config()
+  config.train.steps, config.checkpoint.every, config.eval.every, config.eval.generate_per_task = 4, 2, 0, 0
+  config.checkpoint.async_save = False
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  first = {r["step"]: r["loss"] for r in train_rows(tmp_path)}
+  shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed before step 4's save
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows if "kind" not in r] == [1, 2, 3, 4]
+  assert [(r["step"], r["resumed_from"]) for r in rows if r.get("kind") == "launch"] == [(0, 0), (2, 2)]
+  assert [r["step"] for r in rows if r.get("kind") == "eval"] == [4]  # the final eval, once
+  again = {r["step"]: r["loss"] for r in rows if "kind" not in r}
+  np.testing.assert_allclose([again[s] for s in (3, 4)], [first[s] for s in (3, 4)], rtol=1e-6)  # an exact resume

@@ -2,9 +2,16 @@
 
 Rows of kind "train" (no "kind" key) and others ("eval", "eval_tasks") share the file;
 TensorBoard tags are "<kind>/<name>", e.g. "train/data_wait_fraction", "eval/qa/loss".
+
+One row per step across relaunches: a run resuming from step S drops the rows after S that the
+interrupted launch logged (it logs those steps again), rewriting the file whole, and writes a
+{"kind": "launch", "step": S, "resumed_from": S} row; TensorBoard is told to purge its events
+after S (purge_step). A finished run relaunched evaluates its last step again: its earlier final
+eval rows go too.
 """
 
 import json
+import time
 
 import jax
 import tqdm
@@ -24,9 +31,15 @@ class MetricsWriter:
       return
     # In a bucket the file is rewritten whole at each write (no appends there) and TensorBoard
     # uploads its event file through google-cloud-storage (the `gcp` extra).
-    self._jsonl = storage.Appender(storage.join(workdir, "metrics.jsonl"))
+    path = storage.join(workdir, "metrics.jsonl")
+    if initial_step and storage.exists(path):
+      _drop_rows_after(path, initial_step, final=initial_step >= total_steps)
+    self._jsonl = storage.Appender(path)
     from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-    self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=initial_step or None)
+    self._jsonl.write(json.dumps({"step": int(initial_step), "kind": "launch", "resumed_from": int(initial_step),
+                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    self._jsonl.flush()
     if progress:
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
@@ -63,6 +76,24 @@ class MetricsWriter:
       self._bar.close()
     self._jsonl.close()
     self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int, final: bool) -> None:
+  """Keeps the rows up to `step` (and, unless `final`, every row at it), replacing the file whole."""
+  kept = []
+  for line in storage.read_text(path).splitlines(keepends=True):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue  # a line cut short by a kill
+    if row.get("step", 0) < step or (row.get("step") == step and not (final and row.get("kind") in EVAL_KINDS)):
+      kept.append(line if line.endswith("\n") else line + "\n")
+  storage.write_text_atomic(path, "".join(kept))
+
+
+EVAL_KINDS = ("eval", "eval_tasks")
 
 
 def _plain(v):
