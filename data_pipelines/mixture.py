@@ -86,15 +86,18 @@ def weights(config) -> dict:
 def mixed_records(config, split: str = "train") -> grain.MapDataset:
   """An infinite deterministic MapDataset of records / serialised records in the weights' proportions."""
   w = weights(config)
-  datasets = []
+  datasets, proportions = [], []
   for i, (name, spec) in enumerate(dict(config.data.sources).items()):
+    if w[name] == 0:
+      continue  # weight 0: the source is off (never opened); the others keep their seeds
     ds = grain.MapDataset.source(make_source(name, spec, config, split))
     if split == "train":
       ds = ds.seed(config.seed * 1000 + i).shuffle()
     datasets.append(ds.repeat())
+    proportions.append(w[name])
   if len(datasets) == 1:
     return datasets[0]
-  return grain.MapDataset.mix(datasets, [w[n] for n in w])
+  return grain.MapDataset.mix(datasets, proportions)
 
 
 class ToExample:

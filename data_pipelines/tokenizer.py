@@ -83,6 +83,12 @@ def corpus() -> tuple[str, ...]:
   return tuple(builtin.corpus() + indicators + [sequence.USER, sequence.ASSISTANT, " ".join("0123456789")])
 
 
+def min_vocab_size() -> int:
+  """The fewest pieces the built-in tokenizer can be trained with: every character of its corpus
+  (a space is the "▁" meta piece) plus the 256 byte pieces, pad/unk/bos/eos and `<image>`."""
+  return len(set("".join(corpus())) - {" "}) + 256 + 4 + 1
+
+
 def _train(vocab_size: int, lines: list[str]) -> bytes:
   out = io.BytesIO()
   try:

@@ -5,12 +5,18 @@ Each error names the field, the values, and a fix.
 
 import math
 
+import numpy as np
+
+from data_pipelines import builtin, storage
+from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.builtin import video as builtin_video
 from mm15_jax import hardware_rules
 from mm15_jax import sharding as shd
 
 
-def check_config(config, mesh=None, tokenizer=None) -> None:
+def check_config(config, mesh=None, tokenizer=None, paths: bool = True) -> None:
+  """Raises one ValueError listing every error. paths=False skips the init.* paths (a plan of a
+  stage whose previous stage has not run yet)."""
   m, t = config.model, config.train
   llm, vit = m.llm, m.vit
   errors = []
@@ -58,12 +64,105 @@ def check_config(config, mesh=None, tokenizer=None) -> None:
     errors.append(
         f"model.llm.vocab_size={llm.vocab_size} but the tokenizer has {tokenizer.vocab_size} pieces; "
         f"set --config.model.llm.vocab_size={tokenizer.vocab_size}")
+  errors += range_errors(config)
+  errors += init_path_errors(config) if paths else []
   errors += eval_and_profile_errors(config)
   errors += video_errors(config, tokenizer)
   errors += tile_budget_errors(config)
   errors += init_errors(config)
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _int(low, high=None):
+  return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+
+def _number(low, high=None, above=False):
+  ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  return lambda v: ok(v) and (v > low if above else v >= low) and (high is None or v <= high)
+
+
+def _float_dtype(v) -> bool:
+  if v == "bfloat16":  # ml_dtypes' name, which numpy alone does not know
+    return True
+  try:
+    return isinstance(v, str) and np.dtype(v).kind == "f"
+  except TypeError:
+    return False
+
+
+# Every field whose value alone can make a run meaningless: (field, test, what it must be, e.g.).
+RULES = (
+    ("train.lr", _number(0, above=True), "a learning rate > 0", "3e-4"),
+    ("train.lr_min_ratio", _number(0, 1), "in [0, 1] (the schedule's floor as a share of train.lr)", "0.1"),
+    ("train.steps", _int(1), "an integer >= 1", "1000"),
+    ("train.batch_size", _int(1), "an integer >= 1 (sequences per step)", "8"),
+    ("train.warmup_steps", _int(0), "an integer >= 0", "20"),
+    ("train.grad_clip", _number(0), "a number >= 0 (0: no clipping)", "1.0"),
+    ("train.weight_decay", _number(0), "a number >= 0", "0.1"),
+    ("log_every", _int(1), "an integer >= 1 (steps per metrics row)", "10"),
+    ("checkpoint.every", _int(0), "an integer >= 0 (0: only the last step is saved)", "100"),
+    ("checkpoint.keep", _int(1), "an integer >= 1 (steps kept)", "3"),
+    ("data.seq_len", _int(1), "an integer >= 1", "4096"),
+    ("model.dtype", _float_dtype, "a floating dtype name", "'bfloat16' or 'float32'"),
+    ("model.param_dtype", _float_dtype, "a floating dtype name", "'float32'"),
+)
+
+# The least text any example carries besides its image tiles: "User:", an indicator, a short
+# question, "Assistant:", a one-word answer and the end token (built-in tokenizer).
+MIN_TEXT_TOKENS = 24
+
+
+def _get(config, field):
+  node = config
+  for key in field.split("."):
+    node = node[key]
+  return node
+
+
+def range_errors(config) -> list[str]:
+  """The RULES table, then the rules that relate fields: the smallest example against data.seq_len,
+  the built-in tokenizer's smallest vocabulary, the source weights."""
+  errors = []
+  for field, test, what, example in RULES:
+    value = _get(config, field)
+    if not test(value):
+      errors.append(f"{field}={value!r}: must be {what}, e.g. --config.{field}={example}")
+  if errors:
+    return errors
+  d, k = config.data, config.model.connector.tokens_per_tile
+  images = any(spec.get("kind", "builtin") != "builtin" or (spec.get("task", None) or name) not in builtin.TEXT_ONLY
+               for name, spec in d.sources.items())
+  need = (k if images else 0) + MIN_TEXT_TOKENS
+  if d.seq_len < need:
+    errors.append(f"data.seq_len={d.seq_len} cannot hold the smallest example ({k} image tokens of one tile "
+                  f"+ {MIN_TEXT_TOKENS} of text)" if images else f"data.seq_len={d.seq_len} cannot hold the "
+                  f"smallest example ({MIN_TEXT_TOKENS} tokens of text)")
+    errors[-1] += f": every record would be dropped; set --config.data.seq_len={max(need, 256)} or more"
+  if not d.get("tokenizer", ""):
+    least = tokenizer_lib.min_vocab_size()
+    if config.model.llm.vocab_size < least:
+      errors.append(f"model.llm.vocab_size={config.model.llm.vocab_size}: the built-in tokenizer needs at least "
+                    f"{least} pieces (256 bytes, the special pieces and every character of its corpus); set "
+                    f"--config.model.llm.vocab_size=512, or data.tokenizer to a tokenizer file")
+  weights = {name: spec.get("weight", 1.0) for name, spec in d.sources.items()}
+  bad = {name: w for name, w in weights.items() if not _number(0)(w)}
+  if bad or not any(w > 0 for w in weights.values()):
+    errors.append(f"data.sources weights {bad or weights}: each must be a number >= 0 (0 turns a source off) and "
+                  "at least one > 0")
+  return errors
+
+
+def init_path_errors(config) -> list[str]:
+  """Each init.* path exists, named by its own field."""
+  errors = []
+  for field in ("from_checkpoint", "llm_from", "vit_from", "upcycle_from"):
+    path = config.init.get(field, "")
+    if path and not storage.exists(path):
+      errors.append(f"init.{field}={path!r}: no such run or checkpoint; give a run's workdir, its checkpoints/ or "
+                    "a step directory (local or gs://)")
+  return errors
 
 
 def eval_and_profile_errors(config) -> list[str]:
@@ -117,7 +216,8 @@ def tile_budget_errors(config) -> list[str]:
   d, errors = config.data, []
   k, seq_len, max_tiles = config.model.connector.tokens_per_tile, d.seq_len, d.max_tiles
   if not isinstance(max_tiles, int) or isinstance(max_tiles, bool) or max_tiles < 1:
-    errors.append(f"data.max_tiles={max_tiles!r}: must be an integer >= 1 (image tiles per packed row)")
+    errors.append(f"data.max_tiles={max_tiles!r}: must be an integer >= 1 (image tiles per packed row), e.g. "
+                  f"--config.data.max_tiles={max(1, seq_len // (2 * k))}")
   elif max_tiles * k > seq_len:
     errors.append(f"data.max_tiles={max_tiles} tiles x model.connector.tokens_per_tile={k} = {max_tiles * k} "
                   f"image tokens overflow data.seq_len={seq_len}; set --config.data.max_tiles={seq_len // k} "

@@ -42,6 +42,7 @@ SOURCES = {
     "ui": ui.UI,
     "video": video.Video,
 }
+TEXT_ONLY = ("text_doc", "text_chat")  # the tasks whose records have no image
 
 # SFT: single-image 0.8 (inside it roughly the spec's category mix: text-rich first, then
 # refer & ground, general, math), multi-image 0.1, text 0.1 (docs/recipe.md).

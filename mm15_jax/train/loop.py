@@ -45,6 +45,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   """Trains `config.train.steps` steps (resuming if WORKDIR has checkpoints); returns the final eval."""
   config = config.copy_and_resolve_references()
   mesh = shd.mesh_for_config(config)
+  check_config(config, mesh)  # before the tokenizer is built: a vocabulary it cannot have is refused here
   tokenizer = data_pipelines.tokenizer_for_config(config)
   check_config(config, mesh, tokenizer)
   setup = state_lib.make_setup(config, mesh)
