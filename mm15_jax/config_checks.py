@@ -104,6 +104,8 @@ RULES = (
     ("log_every", _int(1), "an integer >= 1 (steps per metrics row)", "10"),
     ("checkpoint.every", _int(0), "an integer >= 0 (0: only the last step is saved)", "100"),
     ("checkpoint.keep", _int(1), "an integer >= 1 (steps kept)", "3"),
+    ("checkpoint.sigterm_grace_s", _number(0, above=True), "seconds > 0 to wait for a step boundary after a SIGTERM",
+     "120"),
     ("data.seq_len", _int(1), "an integer >= 1", "4096"),
     ("model.dtype", _float_dtype, "a floating dtype name", "'bfloat16' or 'float32'"),
     ("model.param_dtype", _float_dtype, "a floating dtype name", "'float32'"),

@@ -265,7 +265,11 @@ def base() -> ml_collections.ConfigDict:
       nan_policy="stop",  # "stop" | "skip"
       peak_tflops_per_device=0.0,  # 0 = measure/guess from the device kind
   )
-  c.checkpoint = dict(every=100, keep=3, async_save=True)
+  # sigterm_grace_s: after a SIGTERM the run saves at its next step boundary; if none comes
+  # within this many seconds (a stall, a long compile, a hung input) it exits without saving, the
+  # last complete checkpoint staying the resume point. Keep it below the scheduler's kill delay
+  # (Slurm's --signal lead, a pod's termination grace period). A second SIGTERM/SIGINT exits at once.
+  c.checkpoint = dict(every=100, keep=3, async_save=True, sigterm_grace_s=120)
   # from_checkpoint: all params of a previous stage's run (a workdir or a step dir);
   # llm_from / vit_from: only the decoder / the image encoder, from any checkpoint that has
   # them (`python -m mm15_jax.convert import` output or a run). The rest starts fresh.

@@ -244,3 +244,33 @@ def test_metrics_keep_one_row_per_step_across_a_resume(tmp_path):
   assert [r["step"] for r in rows if r.get("kind") == "eval"] == [4]  # the final eval, once
   again = {r["step"]: r["loss"] for r in rows if "kind" not in r}
   np.testing.assert_allclose([again[s] for s in (3, 4)], [first[s] for s in (3, 4)], rtol=1e-6)  # an exact resume
+
+
+def _stalled_run(workdir, grace_s):
+  """A run that hangs before its first step (MM15_STALL_BEFORE_FIRST_STEP), once it has started."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "MM15_STALL_BEFORE_FIRST_STEP": "1"}
+  proc = subprocess.Popen([sys.executable, "-m", "mm15_jax.train", *TINY_FLAGS, f"--workdir={workdir}",
+                           f"--config.checkpoint.sigterm_grace_s={grace_s}"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:  # the start-up line: the SIGTERM handler is in place
+    if line.startswith("mm15_jax:"):
+      return proc
+  raise AssertionError(f"the run ended before it started: {proc.wait()}")
+
+
+@pytest.mark.parametrize("second_signal", [None, signal.SIGTERM, signal.SIGINT])
+def test_sigterm_ends_a_stalled_run(tmp_path, second_signal):
+  """No step boundary comes: the run exits after checkpoint.sigterm_grace_s without saving, or at
+  once on a second SIGTERM / a SIGINT."""
+  grace_s = 3 if second_signal is None else 600
+  proc = _stalled_run(tmp_path, grace_s)
+  start = time.time()
+  proc.send_signal(signal.SIGTERM)
+  if second_signal is not None:
+    time.sleep(0.5)
+    proc.send_signal(second_signal)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143 and time.time() - start < 30, out[-2000:]
+  assert ("no step boundary within checkpoint.sigterm_grace_s=3" if second_signal is None else "again") in out
+  assert ckpt_lib.latest_step(tmp_path / "checkpoints") is None  # nothing half-written, nothing saved

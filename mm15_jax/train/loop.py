@@ -7,6 +7,7 @@ profiler trace of `profile.steps` (profiling.py) and the data-wait share of the 
 """
 
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,13 @@ from mm15_jax.train.preemption import PreemptionWatch
 from mm15_jax.train.prefetch import DevicePrefetcher, global_batch_putter
 from mm15_jax.train.profiling import StepProfiler
 from mm15_jax.train.step_timing import StepTimer
+
+
+def _stall_before_first_step() -> None:
+  """Test hook: MM15_STALL_BEFORE_FIRST_STEP=1 hangs the run before its first step, as a stalled
+  input or a compile would (only a SIGTERM's grace period ends it)."""
+  while os.environ.get("MM15_STALL_BEFORE_FIRST_STEP") == "1":
+    time.sleep(0.1)
 
 
 def _nan_injection_step() -> int:
@@ -60,7 +68,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   checkpointer = ckpt_lib.Checkpointer(
       ckpt_lib.workdir_checkpoints(workdir), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   writer = None
-  preemption = PreemptionWatch()
+  preemption = PreemptionWatch(config.checkpoint.get("sigterm_grace_s", 120))
   profiler = StepProfiler(config.profile, workdir)
   try:
     handoff_notes = []  # one line per position grid resized for this stage's image size
@@ -151,6 +159,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     if in_training_eval.missed_at(config, workdir, start):  # preempted at an eval step
       evaluate(state, final=False)
 
+    _stall_before_first_step()
     timer = StepTimer()
     first_timed = True
     for step in range(start, config.train.steps):
