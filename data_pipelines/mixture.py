@@ -111,10 +111,14 @@ class ToExample:
     self.builder = builder
 
   def __call__(self, item):
+    note = None
     if isinstance(item, (bytes, bytearray)):
       record, reason = records.decode_or_skip(bytes(item))
       if record is None:
-        record = dict(skipped=1, reason=reason)
+        record, note = dict(skipped=1, reason=reason), reason
       item = record
     # build, not the builder's call: a None (too long) would vanish in a MapDataset uncounted.
-    return self.builder.build(item)
+    example = self.builder.build(item)
+    if note:  # why, with the record's place (file and line or row): packing.DropGuard shows it
+      example = dict(example, drop_note=str(note))
+    return example

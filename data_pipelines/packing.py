@@ -28,8 +28,11 @@ A skipped example has no tokens and no tiles: it takes no room and only leaves a
 the packer's segment numbering, which the row map closes.
 """
 
+import collections
+
 import grain
 import numpy as np
+from absl import logging
 
 from data_pipelines import sequence
 from data_pipelines import tokenizer as tokenizer_lib
@@ -54,6 +57,44 @@ class _CheckFits:
       raise ValueError(f"example of {n} tokens, {t} tiles, {len(ex['image_slots'])} image slots does not fit a "
                        f"row of data.seq_len={self.seq_len}, data.max_tiles={self.max_tiles} with K={self.k} slots "
                        "per tile; build examples with sequence.ExampleBuilder.from_config of the same config")
+    return ex
+
+
+class DropGuard:
+  """Between the examples and the packer: shows why records are dropped, and stops a pipeline
+  that would never fill a row. The first `show` drops with a known cause are logged in full (the
+  source's file and line or row); `limit` dropped records in a row raise an error naming the
+  reasons and their counts, where the packer would wait for a usable example forever."""
+
+  def __init__(self, limit: int = 1000, show: int = 5):
+    self.limit, self.show = limit, show
+    self.run, self.shown = 0, 0
+    self.counts = collections.Counter()
+    self.notes = []
+
+  def __call__(self, ex: dict) -> dict:
+    note = ex.get("drop_note")
+    if note is not None:
+      ex = {key: value for key, value in ex.items() if key != "drop_note"}
+    code = int(ex.get("drop_reason", 0))
+    if not code:
+      self.run = 0
+      return ex
+    self.run += 1
+    reason = sequence.DROP_REASONS[code - 1]
+    self.counts[reason] += 1
+    if note and self.shown < self.show:
+      self.shown += 1
+      self.notes.append(note)
+      logging.warning("data: dropped a record (%s): %s", reason, note)
+    if self.run >= self.limit:
+      top = ", ".join(f"{r} {n}" for r, n in self.counts.most_common())
+      hint = ("every example is longer than a row: raise data.seq_len / data.max_tiles or lower the AnyRes "
+              "settings" if set(self.counts) <= {"too_many_tokens", "too_many_tiles"} else
+              "check the sources' files (e.g. `python -m data_pipelines.inspect`)")
+      raise RuntimeError(f"data: the last {self.run} records were all dropped, no usable example to train on "
+                         f"(drops so far by reason: {top}); {hint}" +
+                         (f". First dropped: {'; '.join(self.notes[:3])}" if self.notes else ""))
     return ex
 
 
@@ -120,7 +161,7 @@ def pack(ds: grain.IterDataset, *, seq_len: int, max_tiles: int, image_size: int
   (num_bins * max_tiles * S * S * 3 bytes of tiles).
   """
   ds = ds.filter(lambda ex: ex is not None)
-  ds = ds.map(_CheckFits(seq_len, max_tiles, tokens_per_tile)).map(_with_drop_reason)
+  ds = ds.map(_CheckFits(seq_len, max_tiles, tokens_per_tile)).map(_with_drop_reason).map(DropGuard())
   k = tokens_per_tile
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=dict(tokens=seq_len, loss_on=seq_len, image_slots=max_tiles * k, tiles=max_tiles),

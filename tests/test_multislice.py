@@ -107,7 +107,7 @@ def test_expert_over_dcn_is_allowed_with_a_warning():
 def test_check_config_reports_a_bad_mesh_dcn():
   config = tiny_config(**{"mesh_dcn.tensor": 2})
   with pytest.raises(ValueError, match=r"config.mesh_dcn.tensor=2"):
-    config_checks.check_config(config)
+    config_checks.check_config(config, paths=False)
 
 
 def fake_gpus(n, process_of, slice_of=None):

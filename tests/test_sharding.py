@@ -138,7 +138,7 @@ def test_bad_hardware_rules_name_the_rule_and_field(rule, message):
   with pytest.raises(ValueError, match=message):
     apply_hardware_rules(config, "cpu")
   with pytest.raises(ValueError, match=message):
-    check_config(config)
+    check_config(config, paths=False)
 
 
 def test_trainer_applies_hardware_rules_before_training(tmp_path):

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from concurrent import futures
@@ -431,3 +432,33 @@ def test_tfds_source(tfds_dir):
   assert records.decode_or_skip(wrong[0])[1].startswith("MalformedRecord: tfds mm15_tiny_vqa/train[0]: images:")
   with pytest.raises(ValueError, match="'nope' is not a feature"):
     sources.TfdsSource("mm15_tiny_vqa", "train", data_dir, fields=dict(kind="caption", text="nope"))
+
+
+def test_a_source_of_only_bad_records_stops_with_the_reasons(tmp_path, caplog):
+  """The packer would wait forever for a usable example: the pipeline raises instead, naming the
+  reasons with counts and the first records (file and line), and logs the first drops."""
+  from tiny_setup import tiny_config
+
+  import data_pipelines as dp
+
+  (tmp_path / "bad.jsonl").write_text("".join('{"kind": "caption", "messages": [\n' for _ in range(50)))
+  c = tiny_config()
+  c.data.sources = {"bad": dict(kind="jsonl", weight=1.0, path=str(tmp_path / "bad.jsonl"))}
+  ds = dp.make_train_dataset(c, dp.load_tokenizer(c.model.llm.vocab_size))
+  with pytest.raises(RuntimeError, match=r"the last 1000 records were all dropped.*malformed 1000") as e:
+    next(iter(ds))
+  assert re.search(r"First dropped: MalformedRecord: bad.jsonl line \d+: bad JSON", str(e.value))
+  assert len(re.findall(r"dropped a record \(malformed\): MalformedRecord: bad.jsonl line \d+", caplog.text)) == 5
+
+
+def test_drop_guard_counts_runs_of_drops_only():
+  from data_pipelines import packing, sequence
+
+  guard = packing.DropGuard(limit=3)
+  bad = dict(drop_reason=np.int32(sequence.MALFORMED), drop_note="x.jsonl line 2: bad JSON")
+  good = dict(drop_reason=np.int32(0))
+  for ex in (bad, bad, good, bad, bad, good):  # never 3 drops in a row
+    assert "drop_note" not in guard(ex)
+  guard(bad), guard(bad)
+  with pytest.raises(RuntimeError, match="malformed 7"):
+    guard(bad)

@@ -298,21 +298,21 @@ def test_experiment_forms():
 def test_tile_budget_is_checked_and_sufficient():
   config = experiment("mm15_video.py:tiny,sft")
   tok = tokenizer_lib.load_tokenizer(config.model.llm.vocab_size)
-  config_checks.check_config(config, tokenizer=tok)
+  config_checks.check_config(config, tokenizer=tok, paths=False)
   for field, value in (("max_tiles", 7), ("seq_len", 64)):
     bad = experiment("mm15_video.py:tiny,sft")
     bad.data[field] = value
     with pytest.raises(ValueError, match=rf"data\.{field}={value} cannot hold 8 frames"):
-      config_checks.check_config(bad, tokenizer=tok)
+      config_checks.check_config(bad, tokenizer=tok, paths=False)
   bad = experiment("mm15_video.py:tiny,sft")
   bad.data.anyres.split_max_images = 2
   with pytest.raises(ValueError, match=r"data\.anyres\.split_max_images=2"):
-    config_checks.check_config(bad)
+    config_checks.check_config(bad, paths=False)
   bad = experiment("mm15_video.py:tiny,sft")
   bad.video.frames = 4  # the built-in clips still have up to 8
   bad.data.max_tiles = 4
   with pytest.raises(ValueError, match=r"data\.max_tiles=4 cannot hold 8 frames"):
-    config_checks.check_config(bad)
+    config_checks.check_config(bad, paths=False)
   # The shortest row the check accepts holds the longest built-in clips whole.
   ok = [L for L in range(64, 257) if not config_checks.video_errors(_with(config, seq_len=L), tok)][0]
   builder = ExampleBuilder.from_config(_with(config, seq_len=ok), tok)
