@@ -84,7 +84,7 @@ def shard_files(paths, what: str) -> list[str]:
 # --- cells and rows -------------------------------------------------------------------------
 
 
-def image_bytes(value, image_root: str, field: str) -> bytes:
+def image_bytes(value, image_root: str, field: str, allow_absolute: bool = False) -> bytes:
   """One image cell -> its encoded bytes (not decoded here). Nothing is downloaded."""
   if isinstance(value, dict):  # {"bytes": ..., "path": ...}: embedded bytes win, else the path
     if value.get("bytes"):
@@ -103,7 +103,9 @@ def image_bytes(value, image_root: str, field: str) -> bytes:
     raise records.CorruptImage(f"{field}: {value!r:.120} is a URL and nothing is downloaded; fetch the images "
                                f"first and give their paths under image_root (or embed their bytes)")
   try:
-    return storage.read_bytes(storage.join(image_root, value))
+    return storage.read_bytes(storage.under(image_root, value, allow_absolute))
+  except ValueError as e:  # outside image_root
+    raise records.MalformedRecord(f"{field}: {e}") from e
   except OSError as e:
     raise records.CorruptImage(f"{field}: cannot read {value!r} under image_root {image_root!r}: "
                                f"{e.strerror or e}") from e

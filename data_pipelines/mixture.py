@@ -51,6 +51,7 @@ def make_source(name: str, spec, config, split: str):
       raise ValueError(f"{where}: kind={kind!r} needs {key}")
     if kind == "parquet":
       return sources_lib.ParquetSource(paths, image_root=_field(spec, "image_root"), layout=_field(spec, "layout"),
+                                       allow_absolute_paths=_field(spec, "allow_absolute_paths", False),
                                        fields=dict(_field(spec, "fields", {}) or {}))
     if kind == "webdataset":
       return sources_lib.WebDatasetSource(paths, fields=dict(_field(spec, "fields", {}) or {}))
@@ -67,7 +68,8 @@ def make_source(name: str, spec, config, split: str):
       raise ValueError(f"{where}: kind='jsonl' needs {'eval_path' if is_eval else 'path'}")
     # Video lines are sampled to the source's `frames`, else config.video.frames (mm15_video.py).
     frames = _field(spec, "frames") or _field(_field(config, "video") or {}, "frames")
-    return sources_lib.JsonlSource(path, _field(spec, "image_root"), frames=frames)
+    return sources_lib.JsonlSource(path, _field(spec, "image_root"), frames=frames,
+                                   allow_absolute_paths=_field(spec, "allow_absolute_paths", False))
   raise ValueError(f"{where}.kind={kind!r}: expected one of {KINDS}")
 
 

@@ -105,8 +105,10 @@ class ParquetSource:
   """Serialised records from Parquet shards; picklable (grain workers reopen the files)."""
 
   def __init__(self, paths, *, image_root: str | None = None, fields: dict | None = None,
-               layout: str | None = None):
-    """paths: a glob, a brace pattern, a file, or a list of these. fields: columns (FIELDS)."""
+               layout: str | None = None, allow_absolute_paths: bool = False):
+    """paths: a glob, a brace pattern, a file, or a list of these. fields: columns (FIELDS).
+    Image paths in cells stay under image_root unless allow_absolute_paths."""
+    self.allow_absolute_paths = bool(allow_absolute_paths)
     self.paths = corpus_formats.shard_files(paths, "parquet")
     unknown = sorted(set(fields or {}) - set(FIELDS))
     if unknown:
@@ -185,7 +187,7 @@ class ParquetSource:
     path, row_in_shard = self.locate(index)
     where = f"{storage.basename(path)} row {row_in_shard}"
     image_root = storage.dirname(path) if self.image_root is None else self.image_root
-    image_of = lambda cell, field: corpus_formats.image_bytes(cell, image_root, field)
+    image_of = lambda cell, field: corpus_formats.image_bytes(cell, image_root, field, self.allow_absolute_paths)
     try:
       row = self.row(index)
       if self.layout == "interleaved":

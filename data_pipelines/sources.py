@@ -230,12 +230,14 @@ class JsonlSource:
   is multi_image (conversation for a one-frame clip), category from the line.
   """
 
-  def __init__(self, path: str, image_root: str | None = None, frames: int | None = None):
+  def __init__(self, path: str, image_root: str | None = None, frames: int | None = None,
+               allow_absolute_paths: bool = False):
     self.path = storage.absolute(path)
     self.frames = int(frames or video_frames.DEFAULT_FRAMES)
     if self.frames < 1:
       raise ValueError(f"frames={frames}: frames sampled per video must be >= 1 (config.video.frames)")
     self.image_root = storage.dirname(self.path) if image_root is None else os.fspath(image_root)
+    self.allow_absolute_paths = bool(allow_absolute_paths)
     starts, lines, offset = [], [], 0
     with storage.open_file(self.path) as f:
       for number, line in enumerate(f, start=1):
@@ -295,7 +297,9 @@ class JsonlSource:
     images = []
     for i, rel in enumerate(paths):
       try:
-        images.append(storage.read_bytes(storage.join(self.image_root, rel)))
+        images.append(storage.read_bytes(storage.under(self.image_root, rel, self.allow_absolute_paths)))
+      except ValueError as e:  # outside image_root
+        return records.encode_error(f"{where}: images[{i}]: {e}")
       except OSError as e:
         return records.encode_error(f"{where}: images[{i}]: cannot read {rel!r}: {e.strerror or e}",
                                     corrupt_image=True)
@@ -314,7 +318,8 @@ class JsonlSource:
       return records.encode_error(f"{where}: images: a video line's images are its frames; give `video` or "
                                   "`images`, not both")
     try:
-      frames = video_frames.load_frame_bytes(storage.join(self.image_root, video), self.frames)
+      frames = video_frames.load_frame_bytes(storage.under(self.image_root, video, self.allow_absolute_paths),
+                                             self.frames)
     except Exception as e:  # noqa: BLE001  Pillow raises OSError, ValueError, SyntaxError, ...
       return records.encode_error(f"{where}: video: cannot read {video!r}: {e}", corrupt_image=True)
     try:

@@ -13,6 +13,7 @@ remote. ArrayRecord readers need local files: see `local_only`.
 import contextlib
 import glob as _glob
 import os
+import posixpath
 import shutil
 import tempfile
 
@@ -27,6 +28,22 @@ def join(base, *parts) -> str:
   if is_remote(base):
     return os.fspath(epath.Path(base).joinpath(*parts))
   return os.path.join(base, *parts)
+
+
+def under(root, relative, allow_absolute: bool = False) -> str:
+  """`relative` joined to `root`, refused (ValueError) if it would leave root: an absolute path, a
+  bucket URL or `..` climbing out. A data file's paths then read only what its folder holds;
+  `allow_absolute` (a source option) lets absolute paths through as they are."""
+  relative = os.fspath(relative)
+  if is_remote(relative) or os.path.isabs(relative):
+    if allow_absolute:
+      return relative
+    raise ValueError(f"{relative!r} is an absolute path; paths in records are relative to the image root "
+                     f"{os.fspath(root)!r} (set allow_absolute_paths=True on the source to read it as it is)")
+  if posixpath.normpath(relative.replace(os.sep, "/")).split("/")[0] == "..":
+    raise ValueError(f"{relative!r} climbs out of the image root {os.fspath(root)!r}; paths in records must stay "
+                     "under it")
+  return join(root, relative)
 
 
 def absolute(path) -> str:

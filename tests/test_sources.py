@@ -19,7 +19,7 @@ import PIL.Image
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data_pipelines import convert, records, sources
+from data_pipelines import convert, corpus_formats, records, sources
 
 M = records.IMAGE_MARKER
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -462,3 +462,25 @@ def test_drop_guard_counts_runs_of_drops_only():
   guard(bad), guard(bad)
   with pytest.raises(RuntimeError, match="malformed 7"):
     guard(bad)
+
+
+@pytest.mark.parametrize("rel", ["ABSOLUTE", "../outside.png", "img/../../outside.png"])
+def test_image_paths_stay_under_the_image_root(tmp_path, rel):
+  """A record naming a file outside its image root is a skipped record with the reason, unless
+  the source allows absolute paths (and then only absolute ones)."""
+  (tmp_path / "outside.png").write_bytes(_png(_image(4, 4, 1)))
+  rel = str(tmp_path / "outside.png") if rel == "ABSOLUTE" else rel
+  (tmp_path / "data").mkdir()
+  line = json.dumps({"kind": "conversation", "images": [rel],
+                     "messages": [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}]})
+  (tmp_path / "data" / "d.jsonl").write_text(line + "\n")
+  item = sources.JsonlSource(str(tmp_path / "data" / "d.jsonl"))[0]
+  record, reason = records.decode_or_skip(item)
+  assert record is None and "d.jsonl line 1: images[0]" in reason and "image root" in reason, reason
+  if rel.startswith("/"):
+    item = sources.JsonlSource(str(tmp_path / "data" / "d.jsonl"), allow_absolute_paths=True)[0]
+    record, reason = records.decode_or_skip(item)
+    assert reason is None and record["images"][0].shape == (4, 4, 3)
+  cell = {"bytes": None, "path": rel}
+  with pytest.raises(records.MalformedRecord, match="image root"):
+    corpus_formats.image_bytes(cell, str(tmp_path / "data"), "images[0]")

@@ -108,7 +108,7 @@ def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_ro
   predictions = []
   for start in range(0, len(rows), batch_size):
     batch = rows[start:start + batch_size]
-    images = [[load_image(storage.join(image_root, p)) for p in (r["images"] if "images" in r else [r["image"]])]
+    images = [[load_image(storage.under(image_root, p)) for p in (r["images"] if "images" in r else [r["image"]])]
               if ("images" in r or "image" in r) else [] for r in batch]
     prompts = [with_markers(r["question"], len(ims)) for r, ims in zip(batch, images)]
     answers = model.generate_batch(prompts, images, max_new_tokens=max_new_tokens, **generate_kwargs)
