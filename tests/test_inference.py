@@ -207,3 +207,10 @@ def test_cli_prints_an_answer_and_renders(trained, tmp_path):
       cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)
   assert "rendered to" in out.stdout
   assert PIL.Image.open(tmp_path / "out.png").size[0] >= 256
+
+
+def test_a_prompt_longer_than_the_trained_length_is_refused_before_allocating():
+  model = load_model(tiny_config())  # random init; data.seq_len 256
+  with pytest.raises(ValueError, match=r"a prompt of \d+ tokens .* longer than the model's trained length "
+                                       r"data.seq_len=256"):
+    model.generate("word " * 2000, max_new_tokens=4)

@@ -152,6 +152,15 @@ class Model:
     if max_new_tokens < 1 or temperature < 0 or not 0 <= top_p <= 1:
       raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1, temperature={temperature} >= 0 and "
                        f"top_p={top_p} in [0, 1]")
+    longest = max(len(ex["tokens"]) for ex in examples)
+    limit = self.config.data.seq_len  # the length the model was trained at
+    if longest > limit:
+      # Refused before anything is allocated: attention over a much longer prompt needs memory
+      # quadratic in its length, at positions the model never saw. (The answer may run past the
+      # trained length: max_new_tokens bounds the cache, and answers usually stop well before.)
+      raise ValueError(f"a prompt of {longest} tokens (images included) is longer than the model's trained length "
+                       f"data.seq_len={limit}; shorten the prompt (fewer images or frames, or lower "
+                       "data.anyres.n_max)")
     stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
     stop_ids = [self.tokenizer.eos_id] + [s for s in stop if isinstance(s, int)]
     stop_strings = [s for s in stop if isinstance(s, str)]
