@@ -95,7 +95,7 @@ def test_next_stage_starts_from_previous_params(unbroken, tmp_path):
   # An SFT-like stage: fresh optimizer, params from the previous run, its own step count.
   result = run(tmp_path, 1, MESH_A, **{"init.from_checkpoint": str(unbroken)})
   assert np.isfinite(result["loss"])
-  with pytest.raises(FileNotFoundError, match="init.from_checkpoint"):
+  with pytest.raises(FileNotFoundError, match="nowhere.: no complete checkpoint found"):
     ckpt_lib.load_params(str(tmp_path / "nowhere"), setup.abstract_state["params"])
 
 

@@ -72,9 +72,14 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   profiler = StepProfiler(config.profile, workdir)
   try:
     handoff_notes = []  # one line per position grid resized for this stage's image size
-    if checkpointer.latest_step() is not None:
+    damaged = []  # one line per damaged step set aside (checkpoint.py: integrity)
+    resume_step = checkpointer.latest_good_step(report=damaged.append)
+    if jax.process_index() == 0:
+      for note in damaged:
+        print(f"mm15_jax: {note}", flush=True)
+    if resume_step is not None:
       # A resume, never a handoff: params, optimizer, step, RNG and data order as saved.
-      state = checkpointer.restore(setup.abstract_state, batches)
+      state = checkpointer.restore(setup.abstract_state, batches, step=resume_step)
       origin = f"resumed from step {int(state['step'])}"
     else:
       # A new run or a new stage: fresh optimizer state, schedule and data iterator; params
@@ -150,7 +155,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         msg = f"{total - seen_nonfinite} non-finite step(s) by step {done}; their updates were skipped"
         if config.train.nan_policy == "stop":
           raise FloatingPointError(
-              msg + f"; stopping with the last good checkpoint (step {checkpointer.latest_step()}) intact "
+              msg + f"; stopping with the last good checkpoint (step {checkpointer.latest_good_step()}) intact "
               "(config.train.nan_policy='stop'; 'skip' to continue)")
         writer.message(msg)
         seen_nonfinite = total
