@@ -85,6 +85,9 @@ def convert(jsonl: str | None, out: str, *, shards: int = 1, image_root: str | N
       writers[shard].write(data)
       per_shard[shard] += 1
       kinds[record["kind"]] += 1
+    if not sum(per_shard):  # nothing to train on: an error, and no shards left behind
+      raise ValueError(f"{description}: none of its {len(source)} items is a usable record (skipped by reason: "
+                       f"{dict(skipped)}); first: {examples[:3]}")
     for writer in writers:
       writer.close()
     writers = []

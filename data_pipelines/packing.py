@@ -83,10 +83,11 @@ class DropGuard:
     self.run += 1
     reason = sequence.DROP_REASONS[code - 1]
     self.counts[reason] += 1
-    if note and self.shown < self.show:
+    if self.shown < self.show:  # a decode failure says where; an overlong example only why
       self.shown += 1
-      self.notes.append(note)
-      logging.warning("data: dropped a record (%s): %s", reason, note)
+      if note:
+        self.notes.append(note)
+      logging.warning("data: dropped a record (%s)%s", reason, f": {note}" if note else "")
     if self.run >= self.limit:
       top = ", ".join(f"{r} {n}" for r, n in self.counts.most_common())
       hint = ("every example is longer than a row: raise data.seq_len / data.max_tiles or lower the AnyRes "

@@ -22,6 +22,7 @@ failure surfaces in `decode` inside the map stage, where `decode_or_skip` counts
 """
 
 import io
+import re
 
 import msgpack
 import numpy as np
@@ -146,7 +147,9 @@ def decode_image(data: bytes) -> np.ndarray:
       image.load()  # force a full decode: truncated files fail here, not later
       array = np.asarray(image.convert("RGB"))
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-    raise CorruptImage(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    # PIL names the buffer by its repr ("<_io.BytesIO object at 0x...>"): say what it is instead.
+    message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(e))
+    raise CorruptImage(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {message}") from e
   if array.ndim != 3 or 0 in array.shape:
     raise CorruptImage(f"decoded image has shape {array.shape}")
   return array

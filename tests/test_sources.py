@@ -484,3 +484,16 @@ def test_image_paths_stay_under_the_image_root(tmp_path, rel):
   cell = {"bytes": None, "path": rel}
   with pytest.raises(records.MalformedRecord, match="image root"):
     corpus_formats.image_bytes(cell, str(tmp_path / "data"), "images[0]")
+
+
+def test_convert_of_a_file_without_one_good_record_is_an_error(tmp_path):
+  (tmp_path / "bad.jsonl").write_text('{"kind": "nope"}\n[1]\n')
+  with pytest.raises(ValueError, match=r"none of its 2 items is a usable record .*first: \["):
+    convert.convert(str(tmp_path / "bad.jsonl"), str(tmp_path / "out" / "x"), shards=2)
+  assert not list((tmp_path / "out").glob("x*"))  # no shards, no index
+
+
+def test_a_corrupt_image_reason_says_what_failed_without_object_reprs():
+  with pytest.raises(records.CorruptImage) as e:
+    records.decode_image(b"not an image at all")
+  assert "cannot decode image (19 bytes)" in str(e.value) and "BytesIO" not in str(e.value), str(e.value)
