@@ -143,7 +143,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=True,  # leftovers of a killed save
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
+            # Orbax takes the callback only for async saves; a synchronous save writes them in save().
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums) if async_save else None,
         ),
         item_names=("params", "train", "data"),
     )

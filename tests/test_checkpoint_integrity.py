@@ -115,3 +115,11 @@ def test_readers_use_the_newest_good_step(base_run, tmp_path):
   with pytest.raises(ValueError, match="checkpoint .*/4' is damaged: params/.* fails its checksum"):
     ckpt_lib.find_checkpoint_dir(str(workdir / "checkpoints" / "4"))
   assert (workdir / "checkpoints" / "4").is_dir()  # a reader renames nothing
+
+
+def test_synchronous_saves_write_checksums_too(tmp_path):
+  c = _config(2)
+  c.checkpoint.async_save = False
+  train_and_evaluate(c, str(tmp_path), progress=False)
+  assert (tmp_path / "checkpoints" / "2" / ckpt_lib.CHECKSUMS).exists()
+  assert ckpt_lib.step_problem(str(tmp_path / "checkpoints" / "2")) is None

@@ -244,6 +244,24 @@ def test_metrics_keep_one_row_per_step_across_a_resume(tmp_path):
   assert [r["step"] for r in rows if r.get("kind") == "eval"] == [4]  # the final eval, once
   again = {r["step"]: r["loss"] for r in rows if "kind" not in r}
   np.testing.assert_allclose([again[s] for s in (3, 4)], [first[s] for s in (3, 4)], rtol=1e-6)  # an exact resume
+  # TensorBoard: the relaunch's event file starts with a purge of the first launch's events after step 2.
+  newest = max((tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=os.path.getmtime)
+  starts = [e.step for e in _events(newest) if e.HasField("session_log") and e.session_log.status == 1]
+  assert starts == [2]
+
+
+def _events(path):
+  """The Event protos of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
+
+  data, out, at = path.read_bytes(), [], 0
+  while at < len(data):
+    length = int.from_bytes(data[at:at + 8], "little")
+    event = event_pb2.Event()
+    event.ParseFromString(data[at + 12:at + 12 + length])
+    out.append(event)
+    at += 12 + length + 4
+  return out
 
 
 def _stalled_run(workdir, grace_s):
