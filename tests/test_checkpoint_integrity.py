@@ -1,5 +1,5 @@
 """Damaged checkpoints are found, reported in one line and set aside; the run resumes from the
-newest step that verifies (mm15_jax/checkpoint.py: checksums.json per step)."""
+newest step that verifies (mm15_jax/checkpoint_integrity.py: checksums.json per step)."""
 
 import os
 import random
@@ -11,6 +11,7 @@ import pytest
 from tiny_setup import tiny_config
 
 from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax import checkpoint_integrity as integrity
 from mm15_jax import inference
 from mm15_jax.train.loop import train_and_evaluate
 
@@ -49,8 +50,8 @@ def _flip(path, offset, count=1):
 def test_every_saved_step_has_checksums_and_verifies(base_run):
   for step in (2, 4):
     step_dir = base_run / "checkpoints" / str(step)
-    assert (step_dir / ckpt_lib.CHECKSUMS).exists()
-    assert ckpt_lib.step_problem(str(step_dir)) is None
+    assert (step_dir / integrity.CHECKSUMS).exists()
+    assert integrity.step_problem(str(step_dir)) is None
 
 
 def test_a_bit_flip_anywhere_in_a_step_is_detected(base_run, tmp_path):
@@ -58,7 +59,7 @@ def test_a_bit_flip_anywhere_in_a_step_is_detected(base_run, tmp_path):
   rng = random.Random(0)
   step_dir = tmp_path / "4"
   shutil.copytree(base_run / "checkpoints" / "4", step_dir)
-  files = [f for f in _files(step_dir) if not f.endswith(ckpt_lib.CHECKSUMS)]
+  files = [f for f in _files(step_dir) if not f.endswith(integrity.CHECKSUMS)]
   assert len(files) >= 5
   for path in files:
     size = os.path.getsize(path)
@@ -66,10 +67,10 @@ def test_a_bit_flip_anywhere_in_a_step_is_detected(base_run, tmp_path):
       continue
     offset = rng.randrange(size)
     _flip(path, offset)
-    problem = ckpt_lib.step_problem(str(step_dir))
+    problem = integrity.step_problem(str(step_dir))
     assert problem and os.path.relpath(path, step_dir) in problem and "checksum" in problem, (path, problem)
     _flip(path, offset)  # restored
-  assert ckpt_lib.step_problem(str(step_dir)) is None
+  assert integrity.step_problem(str(step_dir)) is None
 
 
 def _middle(path):
@@ -99,7 +100,7 @@ def test_a_damaged_newest_step_is_set_aside_and_the_run_resumes_from_the_one_bef
   assert "resumed from step 2" in out
   assert (workdir / "checkpoints" / "4.bad-0").is_dir()  # kept for a look, out of orbax's sight
   assert sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == [2, 4, 6]
-  assert all(ckpt_lib.step_problem(str(workdir / "checkpoints" / s)) is None for s in ("2", "4", "6"))
+  assert all(integrity.step_problem(str(workdir / "checkpoints" / s)) is None for s in ("2", "4", "6"))
 
 
 def test_readers_use_the_newest_good_step(base_run, tmp_path):
@@ -121,5 +122,5 @@ def test_synchronous_saves_write_checksums_too(tmp_path):
   c = _config(2)
   c.checkpoint.async_save = False
   train_and_evaluate(c, str(tmp_path), progress=False)
-  assert (tmp_path / "checkpoints" / "2" / ckpt_lib.CHECKSUMS).exists()
-  assert ckpt_lib.step_problem(str(tmp_path / "checkpoints" / "2")) is None
+  assert (tmp_path / "checkpoints" / "2" / integrity.CHECKSUMS).exists()
+  assert integrity.step_problem(str(tmp_path / "checkpoints" / "2")) is None

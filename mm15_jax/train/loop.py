@@ -72,7 +72,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   profiler = StepProfiler(config.profile, workdir)
   try:
     handoff_notes = []  # one line per position grid resized for this stage's image size
-    damaged = []  # one line per damaged step set aside (checkpoint.py: integrity)
+    damaged = []  # one line per damaged step set aside (checkpoint_integrity.py)
     resume_step = checkpointer.latest_good_step(report=damaged.append)
     if jax.process_index() == 0:
       for note in damaged:
