@@ -37,14 +37,7 @@ CASES = [
 
 
 def _config(overrides):
-  c = tiny_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return tiny_config(**overrides)
 
 
 @pytest.mark.parametrize("overrides,message", CASES, ids=lambda v: str(v)[:40] if isinstance(v, dict) else None)
