@@ -33,6 +33,7 @@ CASES = [
     ({"train.grad_clip": -1.0}, "train.grad_clip=-1.0"),
     ({"train.weight_decay": float("nan")}, "train.weight_decay=nan"),
     ({"checkpoint.keep": 0}, "checkpoint.keep=0"),
+    ({"checkpoint.sigterm_grace_s": 0}, "checkpoint.sigterm_grace_s=0: must be seconds > 0"),
 ]
 
 
