@@ -12,7 +12,6 @@ carrying the *current* shardings, so a run can resume on a different mesh.
 
 import contextlib
 import os
-import threading
 
 import grain
 import jax
@@ -31,7 +30,6 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = epath.Path(storage.absolute(directory))  # epath's absolute() breaks gs:// paths
     self._unsummed = []  # steps saved whose checksums are not written yet
-    self._lock = threading.Lock()
     self.manager = self._manager(keep, async_save)
     self._keep, self._async = keep, async_save
 
@@ -43,25 +41,20 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=True,  # leftovers of a killed save
-            # Orbax takes the callback only for async saves; a synchronous save writes them in save().
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums) if async_save else None,
         ),
         item_names=("params", "train", "data"),
     )
 
   def _write_checksums(self) -> None:
-    """After a save is final (orbax's callback; also called after a synchronous save)."""
-    with self._lock:
-      steps, self._unsummed = self._unsummed, []
-    later = []
+    """For the steps whose saves are final: called once orbax is idle (before the next save, on
+    wait and close). Not from orbax's finalization callback: in a bucket orbax rewrites the
+    step's _CHECKPOINT_METADATA after it."""
+    steps, self._unsummed = self._unsummed, []
     for step in steps:
       step_dir = os.fspath(self.directory / str(step))
-      if not storage.isdir(step_dir):  # not renamed into place yet: next time
-        later.append(step)
-      elif jax.process_index() == 0 and not storage.exists(storage.join(step_dir, integrity.CHECKSUMS)):
-        integrity.write_checksums(step_dir)
-    with self._lock:
-      self._unsummed = later + self._unsummed
+      if jax.process_index() == 0 and storage.isdir(step_dir):  # absent: a save orbax skipped or removed
+        if not storage.exists(storage.join(step_dir, integrity.CHECKSUMS)):
+          integrity.write_checksums(step_dir)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -84,14 +77,12 @@ class Checkpointer:
     )
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    with self._lock:
+    self.manager.wait_until_finished()  # orbax would wait for the previous save here anyway
+    self._write_checksums()
+    if self.manager.save(step, args=ocp.args.Composite(**items), force=force):
       self._unsummed.append(step)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-    if not saved:
-      with self._lock:
-        self._unsummed.remove(step)
-    elif not self._async:
-      self._write_checksums()
+      if not self._async:
+        self._write_checksums()
 
   def restore(self, abstract_state: dict, data_iterator=None, step: int | None = None) -> dict:
     """Restores onto the shardings carried by `abstract_state` (any mesh)."""

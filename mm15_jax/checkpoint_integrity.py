@@ -10,6 +10,7 @@ before it is used (README, "What a run writes").
 
 import json
 import os
+import shutil
 import zlib
 
 import jax
@@ -81,8 +82,12 @@ def _quarantine(step_dir: str) -> str:
   for n in range(1000):
     target = f"{os.fspath(step_dir).rstrip('/')}.bad-{n}"
     if not storage.exists(target):
-      if storage.is_remote(step_dir):  # a bucket has no rename: gcsfs copies the objects, then deletes
-        epath.Path(step_dir).rename(target)
+      if storage.is_remote(step_dir):  # a bucket has no rename: copy every object, then delete
+        for name in _step_files(step_dir):
+          with storage.open_file(storage.join(step_dir, name)) as source, \
+              storage.open_file(storage.join(target, name), "wb") as copy:
+            shutil.copyfileobj(source, copy)
+        storage.rmtree(step_dir)
       else:
         os.rename(step_dir, target)
       return target

@@ -24,6 +24,7 @@ from test_web_sources import _sources, corpus  # noqa: F401  (corpus: a fixture)
 
 from data_pipelines import sources, storage
 from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax import checkpoint_integrity as integrity
 from mm15_jax import inference, run_record
 
 STEPS = 6
@@ -150,6 +151,8 @@ def test_a_bucket_run_stops_and_resumes_exactly(bucket_run):
   for source in ("llava", "obelics", "qa"):  # every source was read (from the bucket) and evaluated
     assert evals[STEPS][f"{source}/loss"] == pytest.approx(reference[STEPS][f"{source}/loss"], rel=1e-6)
   assert ckpt_lib.latest_step(storage.join(workdir, "checkpoints")) == STEPS
+  for step in storage.listdir(storage.join(workdir, "checkpoints")):  # each saved step verifies
+    assert integrity.step_problem(storage.join(workdir, "checkpoints", step)) is None, step
   assert [p.name for p in epath.Path(workdir, "tensorboard").iterdir()]  # the event file was uploaded
   # The profiler writes to a local folder; the trace is uploaded when it stops.
   local_traces = storage.glob(f"{local}/profile/plugins/profile/*/*.xplane.pb")
@@ -206,3 +209,16 @@ def test_listings_written_by_another_process_are_seen(bucket):
                   "'/2/a', 'a')"], check=True, cwd=ROOT)
   storage.forget_listings(root)
   assert storage.listdir(root) == ["1", "2"]
+
+
+def test_a_damaged_step_in_a_bucket_is_set_aside_whole(bucket):
+  step = f"{bucket}/quarantine/checkpoints/4"
+  for name, text in (("params/a", "1"), ("train/b/c", "22"), ("_CHECKPOINT_METADATA", "{}")):
+    storage.write_text_atomic(f"{step}/{name}", text)
+  integrity.write_checksums(step)
+  storage.write_text_atomic(f"{step}/train/b/c", "23")
+  notes = []
+  assert integrity.good_steps(f"{bucket}/quarantine/checkpoints", notes.append, quarantine=True) == []
+  assert "train/b/c fails its checksum" in notes[0] and "set aside as 4.bad-0" in notes[0]
+  assert not storage.exists(step) and storage.read_text(f"{step}.bad-0/train/b/c") == "23"
+
