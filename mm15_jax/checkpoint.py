@@ -12,6 +12,7 @@ carrying the *current* shardings, so a run can resume on a different mesh.
 
 import contextlib
 import os
+import threading
 
 import grain
 import jax
@@ -30,6 +31,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = epath.Path(storage.absolute(directory))  # epath's absolute() breaks gs:// paths
     self._unsummed = []  # steps saved whose checksums are not written yet
+    self._checksummer = None  # the thread writing them (process 0), joined before orbax is used again
     self.manager = self._manager(keep, async_save)
     self._keep, self._async = keep, async_save
 
@@ -45,16 +47,38 @@ class Checkpointer:
         item_names=("params", "train", "data"),
     )
 
-  def _write_checksums(self) -> None:
-    """For the steps whose saves are final: called once orbax is idle (before the next save, on
-    wait and close). Not from orbax's finalization callback: in a bucket orbax rewrites the
-    step's _CHECKPOINT_METADATA after it."""
+  def _write_checksums(self, background: bool = False) -> None:
+    """Checksums for the steps whose saves are final: called once orbax is idle (before the next
+    save, on wait and close). Not from orbax's finalization callback: in a bucket orbax rewrites the
+    step's _CHECKPOINT_METADATA after it. With `background` the read-back runs beside training
+    (a multi-GB step takes seconds) and is joined the next time orbax is used."""
+    self._join_checksums()
     steps, self._unsummed = self._unsummed, []
+    if not steps or jax.process_index() != 0:
+      return
+    if background and self._keep > 1:  # keep=1: the next save deletes the step being read
+      self._checksummer = threading.Thread(target=self._checksum_steps, args=(steps, True),
+                                           name="mm15-checkpoint-checksums")
+      self._checksummer.start()
+    else:
+      self._checksum_steps(steps)
+
+  def _checksum_steps(self, steps, in_thread: bool = False) -> None:
     for step in steps:
       step_dir = os.fspath(self.directory / str(step))
-      if jax.process_index() == 0 and storage.isdir(step_dir):  # absent: a save orbax skipped or removed
-        if not storage.exists(storage.join(step_dir, integrity.CHECKSUMS)):
-          integrity.write_checksums(step_dir)
+      try:
+        if storage.isdir(step_dir) and not storage.exists(storage.join(step_dir, integrity.CHECKSUMS)):
+          integrity.write_checksums(step_dir)  # absent: a save orbax skipped or removed
+      except OSError as e:
+        if not in_thread:
+          raise
+        # The step stays usable, as unverified (checkpoint_integrity.step_problem).
+        logging.warning("checkpoint step %d: checksums not written (%s)", step, e)
+
+  def _join_checksums(self) -> None:
+    if self._checksummer is not None:
+      self._checksummer.join()
+      self._checksummer = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -78,7 +102,7 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.wait_until_finished()  # orbax would wait for the previous save here anyway
-    self._write_checksums()
+    self._write_checksums(background=True)
     if self.manager.save(step, args=ocp.args.Composite(**items), force=force):
       self._unsummed.append(step)
       if not self._async:
