@@ -99,11 +99,9 @@ def forget_listings(path) -> None:
   """gcsfs caches folder listings for the life of a process, so files another process wrote since
   (a checkpoint a stage's trainer saved) would stay unseen: drop the cached listings."""
   if is_remote(path):
-    import fsspec  # with gcsfs: only bucket users get here
+    from etils.epath import backend  # the filesystem instance epath reads buckets through
 
-    filesystem = fsspec.get_filesystem_class(os.fspath(path).split("://", 1)[0])
-    for instance in list(getattr(filesystem, "_cache", {}).values()):  # fsspec's per-class instance cache
-      instance.invalidate_cache()
+    backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache()
 
 
 def open_file(path, mode: str = "rb"):
