@@ -16,6 +16,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 
 from etils import epath
 
@@ -183,14 +184,17 @@ def local_copy(folder):
 
 class Appender:
   """A text file that grows by lines: appended locally, rewritten whole in a bucket (objects
-  cannot be appended to), keeping what an earlier run of the same workdir wrote."""
+  cannot be appended to), keeping what an earlier run of the same workdir wrote. In a bucket a
+  flush uploads at most every `upload_every_s` seconds (else a long run would upload its whole
+  history at every step); `flush(force=True)` and `close()` always upload."""
 
-  def __init__(self, path):
+  def __init__(self, path, upload_every_s: float = 30.0):
     self.path = os.fspath(path)
     self._remote = is_remote(self.path)
     if self._remote:
       self._text = read_text(self.path) if exists(self.path) else ""
       self._pending = False
+      self._upload_every_s, self._uploaded_at = upload_every_s, float("-inf")
     else:
       makedirs(os.path.dirname(os.path.abspath(self.path)))
       self._file = open(self.path, "a")
@@ -202,16 +206,16 @@ class Appender:
     else:
       self._file.write(text)
 
-  def flush(self) -> None:
+  def flush(self, force: bool = False) -> None:
     if self._remote:
-      if self._pending:
+      if self._pending and (force or time.monotonic() - self._uploaded_at >= self._upload_every_s):
         epath.Path(self.path).write_text(self._text)
-        self._pending = False
+        self._pending, self._uploaded_at = False, time.monotonic()
     else:
       self._file.flush()
 
   def close(self) -> None:
-    self.flush()
+    self.flush(force=True)
     if not self._remote:
       self._file.close()
 

@@ -60,6 +60,18 @@ def test_storage_in_a_bucket(bucket):
       log.flush()
     log.close()
   assert storage.read_text(f"{root}/log.jsonl") == "1\n2\n3\n"
+  # Uploads are rate-limited (a long run would re-upload its history each step), forced on request.
+  log = storage.Appender(f"{root}/log.jsonl", upload_every_s=3600)
+  log.write("4\n")
+  log.flush()  # the first upload is due at once
+  log.write("5\n")
+  log.flush()
+  assert storage.read_text(f"{root}/log.jsonl") == "1\n2\n3\n4\n"
+  log.flush(force=True)
+  assert storage.read_text(f"{root}/log.jsonl") == "1\n2\n3\n4\n5\n"
+  log.write("6\n")
+  log.close()
+  assert storage.read_text(f"{root}/log.jsonl").endswith("5\n6\n")
   storage.rmtree(f"{root}/sub")
   assert not storage.exists(f"{root}/sub/c.png")
   with pytest.raises(ValueError, match=r"config.data.sources.ocr.paths='gs://.*GCS FUSE"):

@@ -205,6 +205,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
       if config.checkpoint.every and (done % config.checkpoint.every == 0 or last):
         check_finite(done)
         checkpointer.save(state, batches, force=last)
+        writer.flush()  # a resume from this step finds every row before it, even in a bucket
       if config.eval.every and done % config.eval.every == 0 and not last:
         jax.block_until_ready(state)  # the steps so far stay in the timed window, the eval does not
         with timer.paused():

@@ -29,8 +29,8 @@ class MetricsWriter:
     self._tb = None
     if not self.active:
       return
-    # In a bucket the file is rewritten whole at each write (no appends there) and TensorBoard
-    # uploads its event file through google-cloud-storage (the `gcp` extra).
+    # In a bucket the file is rewritten whole (no appends there), at most every 30 s for train rows,
+    # and TensorBoard uploads its event file through google-cloud-storage (the `gcp` extra).
     path = storage.join(workdir, "metrics.jsonl")
     if initial_step and storage.exists(path):
       _drop_rows_after(path, initial_step, final=initial_step >= total_steps)
@@ -39,7 +39,7 @@ class MetricsWriter:
     self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=initial_step or None)
     self._jsonl.write(json.dumps({"step": int(initial_step), "kind": "launch", "resumed_from": int(initial_step),
                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.flush(force=True)
     if progress:
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
@@ -50,7 +50,7 @@ class MetricsWriter:
     if kind != "train":
       record = {"step": int(step), "kind": kind, **{k: v for k, v in record.items() if k != "step"}}
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.flush(force=kind != "train")  # evaluations are few: seen at once
     for k, v in record.items():
       if isinstance(v, (int, float)) and k != "step":
         self._tb.add_scalar(f"{kind}/{k}", v, step)
@@ -60,6 +60,10 @@ class MetricsWriter:
           mfu=f"{100 * record.get('mfu', 0):.1f}%",
           data_wait=f"{100 * record.get('data_wait_fraction', 0):.0f}%",  # near 100%: input-bound
           refresh=False)
+
+  def flush(self) -> None:
+    if self.active:
+      self._jsonl.flush(force=True)
 
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:
