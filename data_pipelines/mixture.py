@@ -117,7 +117,8 @@ class ToExample:
     if isinstance(item, (bytes, bytearray)):
       record, reason = records.decode_or_skip(bytes(item))
       if record is None:
-        record, note = dict(skipped=1, reason=reason), reason
+        where = getattr(item, "where", None)  # sources.LocatedBytes: the file and record index
+        record, note = dict(skipped=1, reason=reason), f"{where}: {reason}" if where else reason
       item = record
     # build, not the builder's call: a None (too long) would vanish in a MapDataset uncounted.
     example = self.builder.build(item)

@@ -63,26 +63,42 @@ def shard_paths(paths_or_pattern) -> list[str]:
   return paths
 
 
+class LocatedBytes(bytes):
+  """A serialised record that knows where it was read (`where`), so a record that fails to
+  decode is reported with its place (mixture.ToExample)."""
+
+  def __new__(cls, data: bytes, where: str):
+    item = super().__new__(cls, data)
+    item.where = where
+    return item
+
+  def __reduce__(self):  # grain may pickle items between processes
+    return LocatedBytes, (bytes(self), self.where)
+
+
 class ArrayRecordSource:
   """Serialised records from ArrayRecord shards, indexed globally in shard order.
 
   Global index i is record i - (records in earlier shards) of its shard, so shards are
-  disjoint index ranges. Picklable (grain workers reopen the files).
+  disjoint index ranges. Picklable (grain workers reopen the files). Items are LocatedBytes:
+  "<first shard> record <global index>".
   """
 
   def __init__(self, paths):
     """paths: a glob, a file, convert's --out prefix, or a list of these."""
     self.paths = shard_paths(paths)
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    self._label = self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} shards)"
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> bytes:
-    return self._source[index]
+    return LocatedBytes(self._source[index], f"{self._label} record {int(index)}")
 
   def __getitems__(self, indices) -> list[bytes]:
-    return self._source.__getitems__(indices)
+    return [LocatedBytes(data, f"{self._label} record {int(i)}")
+            for i, data in zip(indices, self._source.__getitems__(indices))]
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} records, first={self.paths[0]!r})"

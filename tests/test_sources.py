@@ -17,7 +17,7 @@ import grain
 import numpy as np
 import PIL.Image
 import pytest
-from array_record.python.array_record_module import ArrayRecordReader
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from data_pipelines import convert, corpus_formats, records, sources
 
@@ -335,6 +335,28 @@ def test_convert_more_shards_than_records_and_cli(jsonl_data, tmp_path):
   assert summary["records"] == 2 and summary["skipped"] == 1 and summary["records_per_shard"] == [1, 0, 0, 1, 0]
   source = sources.ArrayRecordSource(str(out))
   assert len(source) == 2 and [records.decode(source[i])["kind"] for i in range(2)] == ["caption", "conversation"]
+
+
+def test_an_array_record_that_fails_to_decode_is_reported_with_its_shard_and_index(tmp_path):
+  from tiny_setup import tiny_config
+
+  from data_pipelines import mixture
+  from data_pipelines import tokenizer as tokenizer_lib
+  from data_pipelines.sequence import ExampleBuilder
+
+  path = str(tmp_path / "sft-00000-of-00001.array_record")
+  writer = ArrayRecordWriter(path, "group_size:1")
+  good = records.encode(_records()[0])
+  for data in (good, b"not a record", good):
+    writer.write(data)
+  writer.close()
+  source = sources.ArrayRecordSource(path)
+  assert bytes(source[1]) == b"not a record" and pickle.loads(pickle.dumps(source[1])).where == f"{path} record 1"
+  c = tiny_config()
+  to_example = mixture.ToExample(ExampleBuilder.from_config(c, tokenizer_lib.load_tokenizer(c.model.llm.vocab_size)))
+  assert "drop_note" not in to_example(source[0])
+  bad = to_example(source.__getitems__([2, 1])[1])
+  assert bad["skipped"] == 1 and bad["drop_note"].startswith(f"{path} record 1: MalformedRecord"), bad["drop_note"]
 
 
 def test_convert_failure_leaves_nothing(jsonl_data, tmp_path, monkeypatch):
