@@ -122,7 +122,7 @@ def parse_fields(text: str) -> dict:
   return fields
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   # Defined only when run as a program, so importing convert() never clashes with other CLIs' flags.
   flags.DEFINE_string("jsonl", None, "Input JSONL, one record per line (see sources.JsonlSource).")
   # multi: an unquoted brace pattern is expanded by the shell into one flag per shard.
@@ -153,6 +153,6 @@ def main(argv):
   print()
 
 
-if __name__ == "__main__":
-  _define_flags()
+if __name__ == "__main__":  # `mm15-convert-data` goes through mm15_jax.cli instead, for its --help
+  define_flags()
   app.run(main)

@@ -241,7 +241,7 @@ def inspect(config, num: int, out_dir: str, split: str = "train", *, tokenizer=N
   return entries
 
 
-def _main(argv):
+def main(argv):
   from absl import flags
 
   del argv
@@ -257,18 +257,25 @@ def _main(argv):
   print(f"wrote {len(entries)} examples to {os.path.join(f.out, 'examples.json')}")
 
 
-def run():
-  # Flags are defined here, not at import: tests and the trainer import this module too.
-  from absl import app, flags
+def define_flags():
+  """Defined on demand, not at import: tests and the trainer import this module too."""
+  from absl import flags
   from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "Experiment file, FILE or FILE:arg (see experiments/); override "
+                                  "fields with --config.FIELD=VALUE.", lock_config=True)
   flags.DEFINE_integer("num", 8, "Examples to write.")
   flags.DEFINE_string("out", None, "Output directory (PNGs and examples.json).")
   flags.DEFINE_enum("split", "train", ["train", "eval"], "Which split of the mixture.")
   flags.DEFINE_integer("zoom", 0, "Pixel repeat factor; 0: tiles drawn about 256 px.")
+
+
+def run():  # `mm15-inspect` goes through mm15_jax.cli instead, for its --help
+  from absl import app, flags
+
+  define_flags()
   flags.mark_flags_as_required(["config", "out"])
-  app.run(_main)
+  app.run(main)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mm15_jax import distributed
+from mm15_jax import cli, distributed
 
 distributed.define_flags()
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file("config", None, cli.CONFIG_HELP, lock_config=False)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoints/ or a step directory.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image files, in the order the prompt names them.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The question; coordinates in it on the image's 0..1000 scale.")
@@ -62,8 +62,7 @@ def main(argv):
 
 
 def run():
-  flags.mark_flags_as_required(["config", "prompt"])
-  app.run(main)
+  cli.run(main, __doc__, required=["config", "prompt"])
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mm15_jax import cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,7 +447,7 @@ def define_flags(flag_values=flags.FLAGS, argv=None):
   `argv` (default: sys.argv) is where `--config.FIELD=value` overrides are looked for.
   """
   fv = dict(flag_values=flag_values)
-  config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True,
+  config_flags.DEFINE_config_file("config", None, cli.CONFIG_HELP, lock_config=True,
                                   sys_argv=argv, **fv)
   flags.DEFINE_string("topology", "", "TPU topology, e.g. v5p:4x4x8, v5e:16x16 (default: config.topology).", **fv)
   flags.DEFINE_integer("devices", 0, "Plan N simulated devices (a GPU cluster) instead of a TPU topology.", **fv)
@@ -524,8 +526,7 @@ def run():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   distributed.define_flags()
   define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, __doc__, required=["config"])
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ import shlex
 import signal
 import subprocess
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from data_pipelines import storage
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import configs
+from mm15_jax import cli, configs
 from mm15_jax.launch_commands import LAUNCHERS, command, gke_manifest, trainer_args
 
 
@@ -161,8 +161,7 @@ def run_forwarding_sigterm(cmd: list[str], stdin: str | None, capture: bool) -> 
 
 def run():
   _define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, __doc__, required=["config", "workdir"])
 
 
 if __name__ == "__main__":

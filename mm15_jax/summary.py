@@ -8,8 +8,10 @@ import json
 import math
 import types
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from mm15_jax import cli
 
 COMPONENTS = ("vit", "connector", "llm")
 
@@ -62,7 +64,7 @@ def format_table(summary: dict) -> str:
 
 def _define_flags():
   """Flags are defined when the tool runs, not at import, so tests may import several tools."""
-  config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True)
+  config_flags.DEFINE_config_file("config", None, cli.CONFIG_HELP, lock_config=True)
   flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
   flags.DEFINE_integer("devices", 0, "Devices filling a -1 mesh axis (default: the visible ones).")
 
@@ -84,8 +86,7 @@ def run():
 
   distributed.define_flags()
   _define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, __doc__, required=["config"])
 
 
 if __name__ == "__main__":

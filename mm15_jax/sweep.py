@@ -15,10 +15,10 @@ import re
 import shlex
 import subprocess
 
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import storage
-from mm15_jax import configs
+from mm15_jax import cli, configs
 from mm15_jax.launch_commands import LAUNCHERS, ROOT, command, gke_manifest, trainer_args
 
 
@@ -95,7 +95,10 @@ def main(argv):
     print(report(flags.FLAGS.workdir))
 
 
-if __name__ == "__main__":
+def run():
   _define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, __doc__, required=["config", "workdir"])
+
+
+if __name__ == "__main__":
+  run()

@@ -7,10 +7,10 @@ Prints the answer. The sampling rule: data_pipelines/video_frames.py. Several pr
 (launch/local.sh with MM15_MODULE=mm15_jax.video, or MM15_DISTRIBUTED=1): process 0 prints.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from mm15_jax import distributed
+from mm15_jax import cli, distributed
 
 distributed.define_flags()
 
@@ -42,8 +42,7 @@ def main(argv):
 
 
 def run():
-  flags.mark_flags_as_required(["config", "checkpoint", "video", "prompt"])
-  app.run(main)
+  cli.run(main, __doc__, required=["config", "checkpoint", "video", "prompt"])
 
 
 if __name__ == "__main__":

@@ -5,15 +5,17 @@ Any config field can be overridden: `--config.train.steps=50 --config.mesh.data=
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from mm15_jax import distributed
+from mm15_jax import cli, distributed
 
 distributed.define_flags()
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (FILE or FILE:arg).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, cli.CONFIG_HELP, lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here "
+                                "(a local path or gs://); relaunching with the same workdir resumes.")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "No progress bar: one log line per config.log_every steps "
+                                  "(what launchers use; also when stdout is not a terminal).")
 
 
 def main(argv):
@@ -39,8 +41,7 @@ def main(argv):
 
 
 def run():
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, __doc__, required=["config", "workdir"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""Starting a command-line tool so that `--help` is useful.
+
+absl's `--help` lists only the "key flags" of the module named by sys.argv[0] (the `__main__`
+file, or the console script), and prints that module's docstring as the usage. Our tools define
+their flags in library modules (`mm15_jax.train.main`, `mm15_jax.distributed`, ...) and the
+console scripts have no docstring, so `--help` printed nothing useful. `run` declares every flag
+this project defines as a key flag of the running program and gives it the tool's docstring.
+"""
+
+import sys
+
+from absl import app, flags
+
+CONFIG_HELP = ("Experiment file, FILE or FILE:arg: one of experiments/ (e.g. experiments/tiny.py, "
+               "experiments/mm15_3b.py:sft) or your own. Override any field on the command line with "
+               "--config.FIELD=VALUE, e.g. --config.train.steps=50 --config.mesh.fsdp=-1.")
+_OURS = ("mm15_jax", "data_pipelines")
+
+
+def run(main, doc: str | None = None, required=(), argv=None) -> None:
+  """app.run(main) with every flag of this project listed by --help and `doc` as the usage."""
+  values = flags.FLAGS
+  if required:
+    flags.mark_flags_as_required(list(required))
+  program = sys.argv[0]
+  for module, module_flags in values.flags_by_module_dict().items():
+    if module.split(".")[0] in _OURS:
+      for flag in module_flags:
+        values.register_key_flag_for_module(program, flag)
+  main_module = sys.modules.get("__main__")
+  if doc and main_module is not None and not main_module.__doc__:
+    main_module.__doc__ = doc  # a console script: absl prints this as the usage
+  app.run(main, argv=argv)
+
+
+def inspect_data() -> None:
+  """`mm15-inspect`: data_pipelines.inspect (what the model sees of a config's mixture)."""
+  from data_pipelines import inspect
+
+  inspect.define_flags()
+  run(inspect.main, inspect.__doc__, required=["config", "out"])
+
+
+def convert_data() -> None:
+  """`mm15-convert-data`: data_pipelines.convert (JSONL/Parquet/WebDataset -> ArrayRecord shards)."""
+  from data_pipelines import convert
+
+  convert.define_flags()
+  run(convert.main, convert.__doc__)
