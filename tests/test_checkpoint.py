@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -138,12 +139,20 @@ def test_cli_writes_metrics_events_and_checkpoints(tmp_path):
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  subprocess.run(
+  out = subprocess.run(
       [sys.executable, "-m", "mm15_jax.train", "--config=experiments/tiny.py", f"--workdir={tmp_path}",
        "--config.train.steps=2", "--config.log_every=1", "--config.checkpoint.every=2",
        "--config.train.batch_size=4", "--config.eval.batches=1", "--config.mesh.data=2", "--no_progress",
        "--config.eval.generate_per_task=2", "--config.profile.steps=(1, 2)"],
-      cwd=root, env=env, check=True, capture_output=True, text=True, timeout=600)
+      cwd=root, env=env, check=True, capture_output=True, text=True, timeout=600).stdout
+  # Without a progress bar (as under every launcher) the log shows each logged step and each event.
+  lines = out.splitlines()
+  step_lines = [line for line in lines if re.match(r"step \d+/2 \(", line)]
+  assert [line.split()[1] for line in step_lines] == ["1/2", "2/2"], out[-3000:]
+  assert re.fullmatch(r"step 2/2 \(100%\) loss \d+\.\d{4} lr \S+ grad_norm \S+ tokens/s [\d,]+ mfu [\d.]+% "
+                      r"data_wait \d+% eta 0s", step_lines[1]), step_lines[1]
+  assert any(re.fullmatch(r"checkpoint: step 2 saved in [\d.]+ s.*", line) for line in lines), out[-3000:]
+  assert any(line.startswith("step 2 eval: loss") for line in lines) and "initialised" in out
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   train_rows = [r for r in rows if "kind" not in r]

@@ -248,6 +248,15 @@ def test_metrics_keep_one_row_per_step_across_a_resume(tmp_path):
   newest = max((tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=os.path.getmtime)
   starts = [e.step for e in _events(newest) if e.HasField("session_log") and e.session_log.status == 1]
   assert starts == [2]
+  # Killed again before any save: the next launch starts from step 0 and its rows replace them all.
+  shutil.rmtree(tmp_path / "checkpoints")
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows if "kind" not in r] == [1, 2, 3, 4]
+  assert [r["resumed_from"] for r in rows if r.get("kind") == "launch"] == [0, 0]  # 2: superseded
+  newest = max((tmp_path / "tensorboard").glob("events.out.tfevents.*"), key=os.path.getmtime)
+  assert [e.step for e in _events(newest) if e.HasField("session_log") and e.session_log.status == 1] == [0]
 
 
 def _events(path):

@@ -61,10 +61,25 @@ def journey(tmp_path_factory):
     proc.send_signal(signal.SIGTERM)
     stopped, _ = proc.communicate(timeout=600)
     stopped_code = proc.returncode
+    steps = damage_newest_step(f"{workdir}/cpt/checkpoints")  # the relaunch must fall back past it
     proc = recipe(workdir)
     resumed, _ = proc.communicate(timeout=1800)
     assert proc.returncode == 0, resumed[-4000:]
-    yield dict(bucket=bucket, workdir=workdir, stopped=stopped, stopped_code=stopped_code, resumed=resumed)
+    yield dict(bucket=bucket, workdir=workdir, stopped=stopped, stopped_code=stopped_code, resumed=resumed,
+               cpt_steps=steps)
+
+
+def damage_newest_step(directory):
+  """Flips a byte in the middle of the newest step's largest params file; -> the steps saved."""
+  steps = sorted((int(n) for n in storage.listdir(directory) if n.isdigit()), reverse=True)
+  table = json.loads(storage.read_text(storage.join(directory, str(steps[0]), "checksums.json")))["files"]
+  name = max((n for n in table if n.startswith("params/")), key=lambda n: table[n][0])
+  path = storage.join(directory, str(steps[0]), name)
+  data = bytearray(storage.read_bytes(path))
+  data[len(data) // 2] ^= 0xFF
+  with storage.open_file(path, "wb") as f:
+    f.write(bytes(data))
+  return steps
 
 
 def test_sigterm_stops_the_stage_at_a_saved_step_and_the_relaunch_goes_on(journey):
@@ -73,7 +88,14 @@ def test_sigterm_stops_the_stage_at_a_saved_step_and_the_relaunch_goes_on(journe
   assert "preempted: saved step" in stopped, stopped[-3000:]
   saved = int(stopped.split("preempted: saved step")[1].split()[0].rstrip(";"))
   assert 1 <= saved < STEPS
-  assert "pretrain: finished" in resumed and f"resumed from step {saved}" in resumed, resumed[-3000:]
+  # The newest cpt step (the preemption save) was damaged before the relaunch: both processes skip
+  # it, process 0 sets it aside (never deleted), and cpt goes on from the step before (or anew).
+  newest, *older = journey["cpt_steps"]
+  assert newest == saved and f"checkpoint step {saved} is damaged" in resumed, resumed[-3000:]
+  assert resumed.count(f"set aside as {saved}.bad-0") == 1
+  assert storage.exists(f"{workdir}/cpt/checkpoints/{saved}.bad-0/checksums.json")
+  origin = f"resumed from step {older[0]}" if older else f"params from {workdir}/pretrain"
+  assert "pretrain: finished" in resumed and origin in resumed.split("[2/3] cpt")[1], resumed[-3000:]
   assert "recipe finished" in resumed
   for stage in ("pretrain", "cpt", "sft"):
     assert ckpt_lib.latest_step(storage.join(workdir, stage, "checkpoints")) == STEPS

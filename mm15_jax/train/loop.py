@@ -204,8 +204,11 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         return dict(preempted_at=done)
       if config.checkpoint.every and (done % config.checkpoint.every == 0 or last):
         check_finite(done)
+        started = time.perf_counter()
         checkpointer.save(state, batches, force=last)
         writer.flush()  # a resume from this step finds every row before it, even in a bucket
+        writer.message(f"checkpoint: step {done} saved in {time.perf_counter() - started:.1f} s"
+                       + (" (written in the background)" if config.checkpoint.async_save else ""))
       if config.eval.every and done % config.eval.every == 0 and not last:
         jax.block_until_ready(state)  # the steps so far stay in the timed window, the eval does not
         with timer.paused():

@@ -1,4 +1,9 @@
-"""Per-step metrics to the console (progress bar), WORKDIR/metrics.jsonl and TensorBoard.
+"""Per-step metrics to the console, WORKDIR/metrics.jsonl and TensorBoard.
+
+The console: a progress bar on a terminal; without one (`--no_progress`, or stdout a file or a
+pipe, as under every launcher) one plain line per logged step, e.g.
+  step 120/450 (27%) loss 2.3456 lr 2.90e-03 grad_norm 0.512 tokens/s 19,930 mfu 8.3% data_wait 34% eta 1m23s
+Events (evaluations, checkpoint saves, resumes, handoffs) are printed either way, above the bar.
 
 Rows of kind "train" (no "kind" key) and others ("eval", "eval_tasks") share the file;
 TensorBoard tags are "<kind>/<name>", e.g. "train/data_wait_fraction", "eval/qa/loss".
@@ -11,6 +16,7 @@ eval rows go too.
 """
 
 import json
+import sys
 import time
 
 import jax
@@ -32,15 +38,17 @@ class MetricsWriter:
     # In a bucket the file is rewritten whole (no appends there), at most every 30 s for train rows,
     # and TensorBoard uploads its event file through google-cloud-storage (the `gcp` extra).
     path = storage.join(workdir, "metrics.jsonl")
-    if initial_step and storage.exists(path):
+    relaunch = storage.exists(path)  # also from step 0: a launch killed before its first save logged rows
+    if relaunch:
       _drop_rows_after(path, initial_step, final=initial_step >= total_steps)
     self._jsonl = storage.Appender(path)
     from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-    self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=initial_step or None)
+    self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=initial_step if relaunch else None)
     self._jsonl.write(json.dumps({"step": int(initial_step), "kind": "launch", "resumed_from": int(initial_step),
                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     self._jsonl.flush(force=True)
-    if progress:
+    self._total = total_steps
+    if progress and sys.stdout.isatty():
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
   def write(self, step: int, metrics: dict, kind: str = "train") -> None:
@@ -54,6 +62,8 @@ class MetricsWriter:
     for k, v in record.items():
       if isinstance(v, (int, float)) and k != "step":
         self._tb.add_scalar(f"{kind}/{k}", v, step)
+    if self._bar is None and kind == "train":
+      print(log_line(record, self._total), flush=True)
     if self._bar is not None and kind == "train":
       self._bar.set_postfix(
           loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}",
@@ -80,6 +90,29 @@ class MetricsWriter:
       self._bar.close()
     self._jsonl.close()
     self._tb.close()
+
+
+def log_line(row: dict, total_steps: int) -> str:
+  """One train row as a line for a log file; fields a row lacks are left out."""
+  step = row["step"]
+  parts = [f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
+  formats = (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad_norm {:.3g}"),
+             ("tokens_per_s", "tokens/s {:,.0f}"))
+  parts += [fmt.format(row[key]) for key, fmt in formats if isinstance(row.get(key), (int, float))]
+  if isinstance(row.get("mfu"), (int, float)):
+    parts.append(f"mfu {100 * row['mfu']:.1f}%")
+  if isinstance(row.get("data_wait_fraction"), (int, float)):
+    parts.append(f"data_wait {100 * row['data_wait_fraction']:.0f}%")
+  if isinstance(row.get("step_seconds"), (int, float)) and not row.get("includes_compile"):
+    parts.append(f"eta {_duration(row['step_seconds'] * max(total_steps - step, 0))}")
+  return " ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _drop_rows_after(path: str, step: int, final: bool) -> None:
