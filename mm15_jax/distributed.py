@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 from absl import flags
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 
@@ -29,6 +30,22 @@ def initialize() -> None:
   fl = flags.FLAGS
   if fl.coordinator_address or os.environ.get("MM15_DISTRIBUTED") == "1":
     jax.distributed.initialize(fl.coordinator_address, fl.num_processes, fl.process_id)
+    prefix_log_lines(jax.process_index())
+
+
+class _ProcessPrefix(absl_logging.PythonFormatter):
+  def __init__(self, index: int):
+    super().__init__()
+    self._prefix = f"[process {index}] "
+
+  def format(self, record):
+    return self._prefix + super().format(record)
+
+
+def prefix_log_lines(index: int) -> None:
+  """Warnings and errors name their process: several processes share a job's log. (Process 0
+  alone prints results and progress.)"""
+  absl_logging.get_absl_handler().setFormatter(_ProcessPrefix(index))
 
 
 def _local(x) -> bool:

@@ -63,3 +63,21 @@ def test_help_lists_the_tools_flags(helps, tool):
 def test_help_of_the_module_form(helps, module, flag):
   code, text = helps[module]
   assert code in (0, 1) and f"  {flag}:" in text, text[-2000:]
+
+
+def test_log_lines_of_other_processes_name_their_process():
+  import logging
+
+  from absl import logging as absl_logging
+
+  from mm15_jax import distributed
+
+  handler = absl_logging.get_absl_handler()
+  before = handler.python_handler.formatter
+  try:
+    distributed.prefix_log_lines(3)
+    record = logging.LogRecord("absl", logging.WARNING, "packing.py", 90, "data: dropped a record", None, None)
+    line = handler.python_handler.formatter.format(record)
+  finally:
+    handler.setFormatter(before)
+  assert line.startswith("[process 3] W") and line.endswith("packing.py:90] data: dropped a record"), line
