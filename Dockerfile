@@ -9,6 +9,6 @@ COPY mm15_jax mm15_jax
 COPY data_pipelines data_pipelines
 COPY experiments experiments
 COPY launch launch
-RUN python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[tpu,gcp]'
+RUN python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[tpu,gcp,parquet,tfds]'
 ENV PATH=/mm15_jax/.venv/bin:$PATH PYTHONUNBUFFERED=1
 CMD ["python", "-m", "mm15_jax.train", "--help"]

@@ -23,8 +23,6 @@ import os
 import threading
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from data_pipelines import corpus_formats, records, storage
 
@@ -90,9 +88,20 @@ class _RowGroupCache:
       return entry.value
 
 
+def _pyarrow():
+  """pyarrow, imported on first use: only Parquet users need it (the `parquet` extra)."""
+  try:
+    import pyarrow as pa
+    import pyarrow.parquet  # noqa: F401  (pa.parquet)
+  except ImportError as e:
+    raise ImportError(f"Parquet sources need pyarrow ({e}): pip install 'mm15_jax[parquet]'") from e
+  return pa
+
+
 @contextlib.contextmanager
 def _parquet_file(path: str):
   """A local file is opened by path (memory-mapped reads); a bucket object through its file object."""
+  pq = _pyarrow().parquet
   if not storage.is_remote(path):
     with pq.ParquetFile(path) as f:
       yield f
@@ -141,7 +150,7 @@ class ParquetSource:
     try:
       with _parquet_file(path) as f:
         return f.schema_arrow.names, [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, _pyarrow().ArrowException) as e:
       raise ValueError(f"parquet {path}: cannot read the file's footer ({type(e).__name__}: {e}); is it a complete "
                        f"Parquet file? Remove it from paths or fetch it again") from e
 
@@ -161,7 +170,7 @@ class ParquetSource:
     try:
       with _parquet_file(path) as f:
         return f.read_row_group(int(self._group_in_shard[group]), columns=self.columns)
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, _pyarrow().ArrowException) as e:
       return e
 
   def locate(self, index: int) -> tuple[str, int]:

@@ -188,7 +188,10 @@ class TfdsSource:
     self._source = self._open()
 
   def _open(self):
-    import tensorflow_datasets as tfds  # slow import; only tfds users pay it
+    try:
+      import tensorflow_datasets as tfds  # slow import; only tfds users pay it
+    except ImportError as e:
+      raise ImportError(f"kind='tfds' sources need tensorflow-datasets ({e}): pip install 'mm15_jax[tfds]'") from e
 
     class KeepEncoded(tfds.decode.SkipDecoding):
       def decode_batch_example_np(self, serialized):  # Sequence(Image): a list of encoded images

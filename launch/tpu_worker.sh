@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The worker side of launch/tpu_pod.sh: runs on every TPU VM worker, from the checkout.
 #
-#   tpu_worker.sh setup  [--venv=DIR] [--python=PY]                 venv + pip install -e '.[tpu,gcp]'
+#   tpu_worker.sh setup  [--venv=DIR] [--python=PY]                 venv + pip install -e '.[tpu,gcp,parquet,tfds]'
 #   tpu_worker.sh start  [--job=J] [--log_dir=D] [--venv=DIR] [--env=K=V ...] -- TRAINER_ARGS...
 #   tpu_worker.sh stop   [--job=J] [--log_dir=D] [--timeout=S]       SIGTERM, wait for the save
 #   tpu_worker.sh status [--job=J] [--log_dir=D]
@@ -50,7 +50,7 @@ case $mode in
       || die "worker $w: '$python' is missing or older than Python 3.11; install one (e.g. sudo apt-get install -y python3.11-venv) and pass --python=python3.11"
     # The README's install, plus the TPU runtime.
     [[ -x $venv/bin/python ]] || "$python" -m venv "$venv" || exit 1
-    . "$venv/bin/activate" && pip install -q -e '.[tpu,gcp]' || exit 1
+    . "$venv/bin/activate" && pip install -q -e '.[tpu,gcp,parquet,tfds]' || exit 1
     echo "worker $w: installed $(pwd) into $venv"
     ;;
   start)

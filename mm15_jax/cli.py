@@ -7,6 +7,7 @@ console scripts have no docstring, so `--help` printed nothing useful. `run` dec
 this project defines as a key flag of the running program and gives it the tool's docstring.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -31,6 +32,16 @@ def run(main, doc: str | None = None, required=(), argv=None) -> None:
   if doc and main_module is not None and not main_module.__doc__:
     main_module.__doc__ = doc  # a console script: absl prints this as the usage
   app.run(main, argv=argv)
+
+
+def use_compilation_cache() -> None:
+  """Compiled programs persist across runs in ~/.cache/mm15_jax/jax_cache, unless the user's
+  JAX_COMPILATION_CACHE_DIR names another place."""
+  import jax
+
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mm15_jax/jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def inspect_data() -> None:

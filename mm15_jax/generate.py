@@ -9,7 +9,6 @@ Any config field can be overridden as in training (`--config.mesh.data=1`). Seve
 together; process 0 prints and renders.
 """
 
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -32,13 +31,11 @@ _RENDER = flags.DEFINE_string("render", None, "Write the first image with the an
 
 def main(argv):
   del argv
-  import jax
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   distributed.initialize()
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mm15_jax/jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  cli.use_compilation_cache()
 
   from mm15_jax.inference import load_model, render
   from mm15_jax.inference.prompt import as_image

@@ -222,7 +222,8 @@ def test_dockerfile_installs_the_way_the_readme_does():
   (run,) = [r for r in runs if "pip install" in r]
   docker_steps = [s.strip() for s in run.split("&&")]
   assert docker_steps[:-1] == install[:-1]
-  assert shlex.split(docker_steps[-1]) == ["pip", "install", "-e", ".[tpu,gcp]"]  # the TPU runtime, gs:// paths
+  # The TPU runtime, gs:// paths, every source kind.
+  assert shlex.split(docker_steps[-1]) == ["pip", "install", "-e", ".[tpu,gcp,parquet,tfds]"]
   setup = open(os.path.join(ROOT, "setup.py")).read()
   assert re.search(r'"tpu": \[', setup)  # the extra exists
   copied = " ".join(line for line in open(os.path.join(ROOT, "Dockerfile")).read().splitlines()

@@ -26,8 +26,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
 
   distributed.initialize()  # multi-host: --coordinator_address=... or MM15_DISTRIBUTED=1
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/mm15_jax/jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  cli.use_compilation_cache()
 
   from mm15_jax.hardware_rules import apply_hardware_rules
   from mm15_jax.train.loop import train_and_evaluate
