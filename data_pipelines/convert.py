@@ -20,13 +20,16 @@ multi_image record, so the ArrayRecord holds exactly the frames training and inf
 """
 import collections
 import json
+import multiprocessing
 import os
 import sys
+from concurrent import futures
 
 from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipelines import records, sources
+from data_pipelines.progress import Progress
 
 # group_size:1 makes every record its own chunk: fast random access, which grain needs.
 WRITER_OPTIONS = "group_size:1"
@@ -51,56 +54,99 @@ def open_input(jsonl: str | None = None, *, parquet=None, webdataset=None, image
   return "webdataset", description, sources.WebDatasetSource(patterns, fields=fields)
 
 
+def _shard_range(shard: int, shards: int, n: int) -> range:
+  """The input items of one shard: contiguous blocks in file order (item i goes to i * shards // n)."""
+  return range(-(-shard * n // shards), -(-(shard + 1) * n // shards))
+
+
+def _write_shards(source, shard_ids, shards: int, temps: list[str], check_images: bool, progress=None) -> dict:
+  """Writes the given shards' temporary files; -> their counts (in shard order). Runs in a worker
+  process with --num_workers (the source is picklable and reopens its files there)."""
+  n = len(source)
+  out = {"per_shard": {}, "kinds": collections.Counter(), "skipped": collections.Counter(), "examples": []}
+  for shard in shard_ids:
+    writer, kept = ArrayRecordWriter(temps[shard], WRITER_OPTIONS), 0
+    try:
+      for index in _shard_range(shard, shards, n):
+        data = source[index]
+        record, reason = records.decode_or_skip(data, decode_images=check_images)
+        if progress is not None:
+          progress.update()
+        if reason is not None:
+          out["skipped"][reason.split(":", 1)[0]] += 1
+          if len(out["examples"]) < MAX_EXAMPLES:
+            out["examples"].append(reason)
+          continue
+        writer.write(data)
+        kept += 1
+        out["kinds"][record["kind"]] += 1
+    finally:
+      writer.close()
+    out["per_shard"][shard] = kept
+  return out
+
+
+def _write_shard_worker(source, shard, shards, temps, check_images):
+  return _write_shards(source, [shard], shards, temps, check_images)
+
+
 def convert(jsonl: str | None, out: str, *, shards: int = 1, image_root: str | None = None,
             check_images: bool = True, parquet=None, webdataset=None, fields: dict | None = None,
-            layout: str | None = None, frames: int | None = None) -> dict:
+            layout: str | None = None, frames: int | None = None, num_workers: int = 0,
+            progress: bool = True) -> dict:
   """Writes the shards and the index; returns the summary (also the index's contents).
 
   The input is `jsonl`, or (jsonl=None) `parquet` / `webdataset`: a glob, brace pattern or list.
   frames: JSONL video lines' frames to sample (default video_frames.DEFAULT_FRAMES, 24).
+  num_workers: processes converting shards in parallel (0: this process); the output is the
+  same byte for byte, so use up to `shards` workers. progress: a bar or log lines with the ETA.
   """
   if shards < 1:
     raise ValueError(f"--shards={shards} must be >= 1")
+  if num_workers < 0:
+    raise ValueError(f"--num_workers={num_workers} must be >= 0 (0: convert in this process)")
   input_format, description, source = open_input(jsonl, parquet=parquet, webdataset=webdataset,
                                                  image_root=image_root, fields=fields, layout=layout,
                                                  frames=frames)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   finals = [sources.shard_name(out, s, shards) for s in range(shards)]
   temps = [f"{path}.tmp-{os.getpid()}" for path in finals]
-  per_shard, kinds = [0] * shards, collections.Counter()
-  skipped, examples = collections.Counter(), []
-  writers = []
+  n = len(source)
+  bar = Progress(n, "convert", enabled=progress)
   try:
-    writers = [ArrayRecordWriter(path, WRITER_OPTIONS) for path in temps]
-    n = len(source)
-    for index in range(n):
-      shard = index * shards // n  # contiguous blocks keep file order
-      data = source[index]
-      record, reason = records.decode_or_skip(data, decode_images=check_images)
-      if reason is not None:
-        skipped[reason.split(":", 1)[0]] += 1
-        if len(examples) < MAX_EXAMPLES:
-          examples.append(reason)
-        continue
-      writers[shard].write(data)
-      per_shard[shard] += 1
-      kinds[record["kind"]] += 1
+    if num_workers:
+      # spawn: a fresh interpreter per worker (fork would copy open files and threads).
+      context = multiprocessing.get_context("spawn")
+      pool = futures.ProcessPoolExecutor(min(num_workers, shards), mp_context=context)
+      try:
+        jobs = [pool.submit(_write_shard_worker, source, shard, shards, temps, check_images)
+                for shard in range(shards)]
+        for job in futures.as_completed(jobs):
+          bar.update(sum(job.result()["per_shard"].values()) + sum(job.result()["skipped"].values()))
+        parts = [job.result() for job in jobs]  # shard order: the same summary as one process
+      finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failed shard stops the rest
+    else:
+      parts = [_write_shards(source, range(shards), shards, temps, check_images, bar)]
+    bar.close()
+    per_shard = [next(p["per_shard"][s] for p in parts if s in p["per_shard"]) for s in range(shards)]
+    kinds, skipped, examples = collections.Counter(), collections.Counter(), []
+    for part in parts:
+      kinds.update(part["kinds"])
+      skipped.update(part["skipped"])
+      examples += part["examples"]
+    examples = examples[:MAX_EXAMPLES]
     if not sum(per_shard):  # nothing to train on: an error, and no shards left behind
-      raise ValueError(f"{description}: none of its {len(source)} items is a usable record (skipped by reason: "
+      raise ValueError(f"{description}: none of its {n} items is a usable record (skipped by reason: "
                        f"{dict(skipped)}); first: {examples[:3]}")
-    for writer in writers:
-      writer.close()
-    writers = []
     for temp, final in zip(temps, finals):
       os.replace(temp, final)
   finally:
-    for writer in writers:
-      writer.close()
     for temp in temps:
       if os.path.exists(temp):
         os.remove(temp)
   summary = dict(
-      format=input_format, source=description, items=len(source), records=sum(per_shard),
+      format=input_format, source=description, items=n, records=sum(per_shard),
       skipped=sum(skipped.values()),
       skipped_by_reason=dict(skipped), skipped_examples=examples, kinds=dict(sorted(kinds.items())),
       shards=[os.path.basename(path) for path in finals], records_per_shard=per_shard)
@@ -135,6 +181,8 @@ def define_flags() -> None:
                       "e.g. texts=text_list,images=imgs; key= marks an absent column.")
   flags.DEFINE_string("out", None, "Output prefix DIR/name; shards are DIR/name-SSSSS-of-NNNNN.array_record.")
   flags.DEFINE_integer("shards", 1, "Number of ArrayRecord shards.")
+  flags.DEFINE_integer("num_workers", 0, "Processes converting shards in parallel (0: this one); the output is "
+                       "identical. Up to --shards are used.")
   flags.DEFINE_bool("check_images", True, "Decode every image and skip items whose images fail.")
   flags.DEFINE_integer("frames", None, "Frames sampled per JSONL video line (default 24, MM1.5-Video; "
                        "use the experiment's config.video.frames).")
@@ -148,7 +196,7 @@ def main(argv):
     raise app.UsageError("--out and one of --jsonl, --parquet, --webdataset are required")
   summary = convert(args.jsonl, args.out, parquet=args.parquet, webdataset=args.webdataset, shards=args.shards,
                     image_root=args.image_root, check_images=args.check_images, fields=parse_fields(args.fields),
-                    layout=args.layout, frames=args.frames)
+                    layout=args.layout, frames=args.frames, num_workers=args.num_workers)
   json.dump(summary, sys.stdout, indent=1)
   print()
 

@@ -322,6 +322,19 @@ def test_convert_then_array_record_source(jsonl_data, tmp_path):
   assert [r["kind"] for r, reason in ds] == [w["kind"] for w in good]
 
 
+def test_convert_in_parallel_writes_the_same_bytes(jsonl_data, tmp_path, capsys):
+  """--num_workers converts shards in worker processes: shards and index equal the serial run's,
+  and the log shows the progress."""
+  root, _ = jsonl_data
+  serial = convert.convert(str(root / "data.jsonl"), str(tmp_path / "a/sft"), shards=3, image_root=str(root))
+  parallel = convert.convert(str(root / "data.jsonl"), str(tmp_path / "b/sft"), shards=3, image_root=str(root),
+                             num_workers=2)
+  assert parallel == serial and sorted(os.listdir(tmp_path / "b")) == sorted(os.listdir(tmp_path / "a"))
+  for name in os.listdir(tmp_path / "a"):
+    assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+  assert "convert: 13/13 items (100%)" in capsys.readouterr().err  # stderr is not a terminal here
+
+
 def test_convert_more_shards_than_records_and_cli(jsonl_data, tmp_path):
   root, _ = jsonl_data
   lines = (root / "data.jsonl").read_text().splitlines()[:3]  # good, bad, good

@@ -23,6 +23,7 @@ import jax
 import tqdm
 
 from data_pipelines import storage
+from data_pipelines.progress import duration
 
 
 class MetricsWriter:
@@ -104,15 +105,8 @@ def log_line(row: dict, total_steps: int) -> str:
   if isinstance(row.get("data_wait_fraction"), (int, float)):
     parts.append(f"data_wait {100 * row['data_wait_fraction']:.0f}%")
   if isinstance(row.get("step_seconds"), (int, float)) and not row.get("includes_compile"):
-    parts.append(f"eta {_duration(row['step_seconds'] * max(total_steps - step, 0))}")
+    parts.append(f"eta {duration(row['step_seconds'] * max(total_steps - step, 0))}")
   return " ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, seconds = divmod(rest, 60)
-  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _drop_rows_after(path: str, step: int, final: bool) -> None:
