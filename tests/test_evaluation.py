@@ -289,7 +289,8 @@ def test_cli_builtin_and_benchmark(tiny_model, tmp_path):
   out = subprocess.run(base + ["--builtin", "--tasks=qa,ground", "--num_per_task=2", f"--out={tmp_path / 'b'}"],
                        cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)
   assert "| qa | 2 |" in out.stdout and "| ground | 2 |" in out.stdout
+  assert "evaluate: 8/8 questions (100%)" in out.stderr  # 2 tasks x 2 questions, with and without images
   assert set(json.loads((tmp_path / "b" / "REPORT.json").read_text())["accuracy"]) == {"qa", "ground"}
   out = subprocess.run(base + [f"--benchmark={path}", f"--out={tmp_path / 'j'}", "--limit=2"],
                        cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)
-  assert "| vqa | vqa | 2 |" in out.stdout
+  assert "| vqa | vqa | 2 |" in out.stdout and "evaluate: 2/2 questions (100%)" in out.stderr

@@ -20,6 +20,7 @@ import json
 import numpy as np
 
 from data_pipelines import anyres, builtin, coordinates, storage
+from data_pipelines.progress import Progress
 from mm15_jax import distributed
 from mm15_jax.evaluation import metrics as metrics_lib
 from mm15_jax.evaluation import runner
@@ -80,12 +81,14 @@ def blanked(question: dict) -> dict:
   return dict(question, images=[flat(im) for im in question["images"]])
 
 
-def _generate(model, qs, batch_size, max_new_tokens):
+def _generate(model, qs, batch_size, max_new_tokens, bar=None):
   answers = []
   for start in range(0, len(qs), batch_size):
     batch = qs[start:start + batch_size]
     answers += model.generate_batch([q["prompt"] for q in batch], [q["images"] for q in batch],
                                     max_new_tokens=max_new_tokens)
+    if bar is not None:
+      bar.update(len(batch))
   return answers
 
 
@@ -101,27 +104,30 @@ def render_grounding(question: dict, answer, path: str) -> str:
 
 def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None = None, batch_size: int = 8,
                      max_new_tokens: int = 80, out_dir: str | None = None, baseline: bool = True,
-                     blank: bool = True) -> dict:
+                     blank: bool = True, progress: bool = False) -> dict:
   """Accuracy per task (dict task -> accuracy in [0, 1]) of the model on held-out questions.
 
   config: the model's (default model.config): seed, data.image_scale, data.eval_examples
   (the default num_per_task) and the built-in tasks of data.sources (the default tasks).
   With out_dir: REPORT.json (accuracy, baseline, num, a few examples per task; with `blank`
   also "blanked": the accuracy with every image blanked), REPORT.md and grounding.png (the
-  first grounding question, model and true boxes).
+  first grounding question, model and true boxes). `progress`: questions answered and the ETA
+  on process 0 (data_pipelines/progress.py).
   """
   config = config if config is not None else model.config
   tasks = list(tasks) if tasks else config_tasks(config)
   num = int(num_per_task or config.data.eval_examples)
   seed, scale = int(config.seed), float(config.data.image_scale)
   accuracy, blind, examples, grounding_example = {}, {}, {}, None
-  for task in tasks:
-    qs = questions(task, num, seed=seed, image_scale=scale)
-    answers = _generate(model, qs, batch_size, max_new_tokens)
+  per_task = {task: questions(task, num, seed=seed, image_scale=scale) for task in tasks}
+  total = sum(len(qs) * (2 if out_dir and blank and any(q["images"] for q in qs) else 1) for qs in per_task.values())
+  bar = Progress(total, "evaluate", "question", enabled=progress and distributed.is_main())
+  for task, qs in per_task.items():
+    answers = _generate(model, qs, batch_size, max_new_tokens, bar)
     scores = [score(q, a.text, a.boxes) for q, a in zip(qs, answers)]
     accuracy[task] = float(np.mean(scores))
     if out_dir and blank and any(q["images"] for q in qs):
-      blank_answers = _generate(model, [blanked(q) for q in qs], batch_size, max_new_tokens)
+      blank_answers = _generate(model, [blanked(q) for q in qs], batch_size, max_new_tokens, bar)
       blind[task] = float(np.mean([score(q, a.text, a.boxes) for q, a in zip(qs, blank_answers)]))
     elif out_dir and blank:  # a text-only task: nothing to blank
       blind[task] = accuracy[task]
@@ -129,6 +135,7 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
                       for q, a, s in list(zip(qs, answers, scores))[:3]]
     if grounding_example is None:
       grounding_example = next(((q, a) for q, a in zip(qs, answers) if q["boxes"]), None)
+  bar.close()
   if out_dir and distributed.is_main():  # every process generated the same answers; one writes
     storage.makedirs(out_dir)
     chance = baseline_accuracy(tasks, num, seed=seed, image_scale=scale) if baseline else {}

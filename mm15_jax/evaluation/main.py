@@ -49,12 +49,14 @@ def main(argv):
     from mm15_jax.evaluation.builtin_eval import evaluate_builtin
 
     evaluate_builtin(model, _CONFIG.value, tasks=_TASKS.value, num_per_task=_NUM_PER_TASK.value,
-                     batch_size=_BATCH_SIZE.value, max_new_tokens=_MAX_NEW_TOKENS.value or 80, out_dir=_OUT.value)
+                     batch_size=_BATCH_SIZE.value, max_new_tokens=_MAX_NEW_TOKENS.value or 80, out_dir=_OUT.value,
+                     progress=True)
   else:
     from mm15_jax.evaluation.runner import evaluate
 
     evaluate(model, _BENCHMARK.value, metric=_METRIC.value, image_root=_IMAGE_ROOT.value, limit=_LIMIT.value,
-             batch_size=_BATCH_SIZE.value, max_new_tokens=_MAX_NEW_TOKENS.value or 64, out_dir=_OUT.value)
+             batch_size=_BATCH_SIZE.value, max_new_tokens=_MAX_NEW_TOKENS.value or 64, out_dir=_OUT.value,
+             progress=True)
   if distributed.is_main():
     print(storage.read_text(storage.join(_OUT.value, "REPORT.md")))
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import storage
+from data_pipelines.progress import Progress
 from mm15_jax import distributed
 from mm15_jax.evaluation import metrics as metrics_lib
 
@@ -95,8 +96,9 @@ def write_report(report: dict, out_dir: str, title: str) -> None:
 
 def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_root: str | None = None,
              limit: int | None = None, batch_size: int = 8, out_dir: str | None = None,
-             max_new_tokens: int = 64, **generate_kwargs) -> dict:
-  """Generate an answer per row (greedy unless generate_kwargs say otherwise) and score it.
+             max_new_tokens: int = 64, progress: bool = False, **generate_kwargs) -> dict:
+  """Generate an answer per row (greedy unless generate_kwargs say otherwise) and score it;
+  `progress`: questions answered and the ETA on process 0 (data_pipelines/progress.py).
 
   Returns {"benchmark", "num", "metrics": {metric: mean score}, "tasks": {task: {metric:
   {"score", "num"}}}, "predictions": [{"id", "task", "metric", "prediction", "boxes",
@@ -106,6 +108,7 @@ def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_ro
   image_root = image_root if image_root is not None else storage.dirname(benchmark_jsonl)
   default_task = storage.basename(benchmark_jsonl).rsplit(".", 1)[0]
   predictions = []
+  bar = Progress(len(rows), "evaluate", "question", enabled=progress and distributed.is_main())
   for start in range(0, len(rows), batch_size):
     batch = rows[start:start + batch_size]
     images = [[load_image(storage.under(image_root, p)) for p in (r["images"] if "images" in r else [r["image"]])]
@@ -116,6 +119,8 @@ def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_ro
       name = row_metric(row, metric)
       predictions.append(dict(id=row["id"], task=row.get("task", default_task), metric=name, prediction=answer.text,
                               boxes=[list(map(float, b)) for b in answer.boxes], score=score(name, row, answer)))
+    bar.update(len(batch))
+  bar.close()
   by_metric, by_task = collections.defaultdict(list), collections.defaultdict(lambda: collections.defaultdict(list))
   for p in predictions:
     by_metric[p["metric"]].append(p["score"])
