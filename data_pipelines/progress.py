@@ -20,10 +20,10 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-  """`update(n)` as work gets done; `close()` (or a `with` block) at the end. enabled=False (e.g.
+  """`unit` is plural ("items", "MiB"). `update(n)` as work gets done; `close()` (or a `with` block) at the end. enabled=False (e.g.
   processes other than 0) makes every call a no-op."""
 
-  def __init__(self, total: int, desc: str, unit: str = "item", *, enabled: bool = True, every_s: float = 30.0,
+  def __init__(self, total: int, desc: str, unit: str = "items", *, enabled: bool = True, every_s: float = 30.0,
                stream=None):
     self.total, self.desc, self.unit, self.done = int(total), desc, unit, 0
     self._stream = stream or sys.stderr
@@ -45,8 +45,8 @@ class Progress:
   def line(self) -> str:
     elapsed = max(time.monotonic() - self._start, 1e-9)
     rate = self.done / elapsed
-    text = f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}s ({100 * self.done / max(self.total, 1):.0f}%)"
-    text += f", {rate:,.1f} {self.unit}s/s" if rate < 10 else f", {rate:,.0f} {self.unit}s/s"
+    text = f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%)"
+    text += f", {rate:,.1f} {self.unit}/s" if rate < 10 else f", {rate:,.0f} {self.unit}/s"
     if 0 < self.done < self.total:
       text += f", eta {duration((self.total - self.done) / rate)}"
     elif self.done >= self.total:

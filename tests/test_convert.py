@@ -7,6 +7,7 @@ saves it as safetensors, imports it and compares outputs in float32.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -128,10 +129,14 @@ def test_export_round_trip_loads_in_transformers(tmp_path):
     np.testing.assert_array_equal(again.read(name), original.read(name))
 
 
-def test_export_in_bfloat16_has_the_public_dtype(tmp_path):
+def test_export_in_bfloat16_has_the_public_dtype(tmp_path, capsys):
   save_decoder(tmp_path / "hf")
   importer.run_import("llm", str(tmp_path / "hf"), str(tmp_path / "ours"))
+  capsys.readouterr()
   exporter.run_export(str(tmp_path / "ours"), str(tmp_path / "exported"))
+  size = sum(os.path.getsize(p) for p in (tmp_path / "exported").glob("*.safetensors"))
+  done = re.search(r"export: ([\d,]+)/\1 bytes \(100%\)", capsys.readouterr().err)
+  assert done and size - 4096 < int(done.group(1).replace(",", "")) <= size  # headers aside, every byte
   exported = PublicCheckpoint(str(tmp_path / "exported"))
   assert {exported.dtype(n) for n in exported.keys()} == {"BF16"}
   assert exported.config["torch_dtype"] == "bfloat16"
@@ -283,6 +288,7 @@ def test_command_line_import_and_check(tmp_path):
                                      capture_output=True, text=True, timeout=600)
   done = run("import", "--kind=llm", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'ours'}")
   assert done.returncode == 0, done.stderr[-2000:]
+  assert re.search(r"import llm: (\d+)/\1 tensors \(100%\)", done.stderr), done.stderr[-2000:]
   checked = run("check", f"--hf={tmp_path / 'hf'}", f"--checkpoint={tmp_path / 'ours'}")
   assert checked.returncode == 0, checked.stderr[-2000:]
   result = json.loads(checked.stdout.strip().splitlines()[-2])

@@ -4,11 +4,13 @@ fetched one layer at a time and written in shards of bounded size, so the host h
 never the whole model."""
 
 
+import jax
 import ml_dtypes
 import numpy as np
 
 from data_pipelines import storage, tokenizer_json
 from data_pipelines import tokenizer as tokenizer_lib
+from data_pipelines.progress import Progress
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import configs, distributed, run_record
 from mm15_jax.convert import public_decoder, public_moe_decoder, tensor_map
@@ -59,8 +61,14 @@ def run_export(checkpoint_dir: str, out_dir: str, *, config_spec: str | None = N
     named = tensor_map.export(public_decoder.tensors(llm), params, llm.n_layers)
   else:
     named = public_moe_decoder.export(public_moe_decoder.tensors(llm, moe), params, llm.n_layers)
-  pairs = ((name, array.astype(cast)) for name, array in named)
-  return write_checkpoint(out_dir, pairs, public, max_shard_bytes=max_shard_bytes, extra_files=extra)
+  total = sum(leaf.size for leaf in jax.tree.leaves(params)) * np.dtype(cast).itemsize
+  with Progress(total, "export", "bytes") as bar:  # every param is exported once
+    def pairs():
+      for name, array in named:
+        array = array.astype(cast)
+        yield name, array
+        bar.update(array.nbytes)
+    return write_checkpoint(out_dir, pairs(), public, max_shard_bytes=max_shard_bytes, extra_files=extra)
 
 
 def tokenizer_files(source: str):

@@ -26,6 +26,7 @@ from etils import epath
 
 from data_pipelines import storage, tokenizer_json
 from data_pipelines import tokenizer as tokenizer_lib
+from data_pipelines.progress import Progress
 from mm15_jax import configs, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.convert import public_decoder, public_moe_decoder, public_vision, tensor_map
@@ -62,8 +63,9 @@ def import_mesh(devices=None):
   return shd.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), devices)
 
 
-def read_part(kind: str, checkpoint: PublicCheckpoint, mesh, *, stats=None):
-  """(our part config, params placed on `mesh`) from a public checkpoint."""
+def read_part(kind: str, checkpoint: PublicCheckpoint, mesh, *, stats=None, progress: bool = False):
+  """(our part config, params placed on `mesh`) from a public checkpoint; `progress`: tensors
+  read and the ETA on process 0."""
   maps = tensor_map  # name and shape checks and the sharded load; a Mixtral decoder's also cover its experts
   if kind == "llm":
     if checkpoint.config.get("model_type") in public_moe_decoder.MODEL_TYPES:
@@ -89,7 +91,8 @@ def read_part(kind: str, checkpoint: PublicCheckpoint, mesh, *, stats=None):
   missing = sorted(set(map(tuple, tensor_map.leaf_paths(abstract))) - {e.ours for e in entries})
   if missing:  # a mapping that forgot a param would leave it at its fresh init
     raise AssertionError(f"no public tensor maps to {missing}")
-  return part, maps.load(entries, checkpoint, abstract, shardings, stats)
+  with Progress(len(entries), f"import {kind}", "tensors", enabled=progress and jax.process_index() == 0) as bar:
+    return part, maps.load(entries, checkpoint, abstract, shardings, stats, bar)
 
 
 def write_tokenizer(hf_dir: str, out_dir: str, model_config: dict) -> str | None:
@@ -223,7 +226,7 @@ def run_import(kind: str, hf_dir: str, out_dir: str, *, devices=None) -> dict:
 def _import(kind: str, hf_dir: str, out_dir: str, devices, source: str) -> dict:
   checkpoint = PublicCheckpoint(hf_dir)
   stats = {}
-  part, params = read_part(kind, checkpoint, import_mesh(devices), stats=stats)
+  part, params = read_part(kind, checkpoint, import_mesh(devices), stats=stats, progress=True)
   tokenizer_file = None
   storage.makedirs(out_dir)
   if kind == "llm":

@@ -151,12 +151,14 @@ def _load_experts(e: Experts, checkpoint, target, sharding, stats):
   return value
 
 
-def load(entries, checkpoint, abstract: dict, shardings: dict, stats: dict | None = None) -> dict:
+def load(entries, checkpoint, abstract: dict, shardings: dict, stats: dict | None = None, progress=None) -> dict:
   """`tensor_map.load`, with the expert params built shard by shard from the experts each holds."""
   plain, experts = _split(entries)
-  out = tensor_map.load(plain, checkpoint, abstract, shardings, stats)
+  out = tensor_map.load(plain, checkpoint, abstract, shardings, stats, progress)
   for e in experts:
     set_path(out, e.ours, _load_experts(e, checkpoint, get_path(abstract, e.ours), get_path(shardings, e.ours), stats))
+    if progress is not None:
+      progress.update()
   return out
 
 

@@ -138,9 +138,10 @@ def place_layers(target, sharding, layer_piece):
   return value
 
 
-def load(entries, checkpoint, abstract: dict, shardings: dict, stats: dict | None = None) -> dict:
+def load(entries, checkpoint, abstract: dict, shardings: dict, stats: dict | None = None, progress=None) -> dict:
   """The params of `abstract` (ShapeDtypeStructs) from `checkpoint`, each a jax.Array placed with
-  `shardings` (same structure). `stats`, if given, gets the largest host array built at once."""
+  `shardings` (same structure). `stats`, if given, gets the largest host array built at once;
+  `progress` (data_pipelines.progress.Progress), one update per entry."""
   out = {}
 
   cut = functools.partial(cut_piece, stats)
@@ -160,6 +161,8 @@ def load(entries, checkpoint, abstract: dict, shardings: dict, stats: dict | Non
 
         value = jax.make_array_from_callback(target.shape, sharding, shard)
     set_path(out, e.ours, value)
+    if progress is not None:
+      progress.update()
   return out
 
 

@@ -121,7 +121,7 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
   accuracy, blind, examples, grounding_example = {}, {}, {}, None
   per_task = {task: questions(task, num, seed=seed, image_scale=scale) for task in tasks}
   total = sum(len(qs) * (2 if out_dir and blank and any(q["images"] for q in qs) else 1) for qs in per_task.values())
-  bar = Progress(total, "evaluate", "question", enabled=progress and distributed.is_main())
+  bar = Progress(total, "evaluate", "questions", enabled=progress and distributed.is_main())
   for task, qs in per_task.items():
     answers = _generate(model, qs, batch_size, max_new_tokens, bar)
     scores = [score(q, a.text, a.boxes) for q, a in zip(qs, answers)]

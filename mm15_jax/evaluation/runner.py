@@ -108,7 +108,7 @@ def evaluate(model, benchmark_jsonl: str, *, metric: str | None = None, image_ro
   image_root = image_root if image_root is not None else storage.dirname(benchmark_jsonl)
   default_task = storage.basename(benchmark_jsonl).rsplit(".", 1)[0]
   predictions = []
-  bar = Progress(len(rows), "evaluate", "question", enabled=progress and distributed.is_main())
+  bar = Progress(len(rows), "evaluate", "questions", enabled=progress and distributed.is_main())
   for start in range(0, len(rows), batch_size):
     batch = rows[start:start + batch_size]
     images = [[load_image(storage.under(image_root, p)) for p in (r["images"] if "images" in r else [r["image"]])]
