@@ -20,8 +20,8 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-  """`unit` is plural ("items", "MiB"). `update(n)` as work gets done; `close()` (or a `with` block) at the end. enabled=False (e.g.
-  processes other than 0) makes every call a no-op."""
+  """`unit` in the plural ("items", "bytes"). `update(n)` as work gets done; `close()` (or a
+  `with` block) at the end. enabled=False (e.g. processes other than 0) makes every call a no-op."""
 
   def __init__(self, total: int, desc: str, unit: str = "items", *, enabled: bool = True, every_s: float = 30.0,
                stream=None):
