@@ -32,6 +32,7 @@ class Progress:
     if enabled and self._stream.isatty():
       self._bar = tqdm.tqdm(total=self.total, desc=desc, unit=unit, file=self._stream, dynamic_ncols=True)
     self._start = self._last = time.monotonic()
+    self._shown = -1  # `done` when the last line was printed
 
   def update(self, n: int = 1) -> None:
     self.done += n
@@ -55,7 +56,7 @@ class Progress:
 
   def _line(self) -> None:
     print(self.line(), file=self._stream, flush=True)
-    self._last = time.monotonic()
+    self._last, self._shown = time.monotonic(), self.done
 
   def close(self) -> None:
     if not self._enabled:
@@ -63,7 +64,7 @@ class Progress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-    else:
+    elif self._shown != self.done:
       self._line()
     self._enabled = False
 

@@ -52,6 +52,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from data_pipelines.progress import Progress
 from mm15_jax import cli
 
 
@@ -484,10 +485,14 @@ def execute(f, argv=None) -> list[dict]:
     return [report]
   reports = []
   keep = set(config_flags.get_override_values(f["config"])) | ({"model.remat"} if f.remat else set())
-  for spec, config in _sweep_configs(f):
-    topologies = f.topologies or [t for t in (f.topology or config.topology,) if t]
-    if not topologies:
+  cases = _sweep_configs(f)
+  for spec, config in cases:
+    if not (f.topologies or f.topology or config.topology):
       raise ValueError(f"{spec} sets no topology: give --topologies (e.g. --topologies=v5p:2x2x1,v5p:2x2x2)")
+  total = sum(len(f.topologies or [1]) * len(f.remat or [1]) for _ in cases)
+  bar = Progress(total, "plan --sweep", "cases", every_s=0)  # each case compiles for minutes: a line each
+  for spec, config in cases:
+    topologies = f.topologies or [f.topology or config.topology]
     for topology in topologies:
       for remat in f.remat or [config.model.remat]:
         config.model.remat = remat
@@ -500,6 +505,8 @@ def execute(f, argv=None) -> list[dict]:
           report = dict(config=spec, topology=topology, remat=remat, fits=False, error=str(e))
         reports.append(report)
         print(json.dumps(report) if f.json else f"planned {spec} on {topology}, remat={remat}", flush=True)
+        bar.update()
+  bar.close()
   if not f.json:
     print(format_sweep(reports))
   return reports

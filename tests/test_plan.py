@@ -145,8 +145,10 @@ def test_sweep_keeps_going_past_a_case_that_does_not_split(capsys):
   assert [(r["topology"], r["remat"]) for r in reports] == [
       ("v5p:2x2x2", "none"), ("v5p:2x2x2", "full"), ("v4:2x2x2", "none"), ("v4:2x2x2", "full")]
   assert all("train.batch_size" in r["error"] and "use a multiple of 8" in r["error"] for r in reports)
-  out = capsys.readouterr().out
-  assert f"{TINY} remat=full: none of those planned" in out
+  captured = capsys.readouterr()
+  assert f"{TINY} remat=full: none of those planned" in captured.out
+  progress = [line for line in captured.err.splitlines() if line.startswith("plan --sweep:")]
+  assert [line.split()[2] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]  # one line per case, no repeat
 
 
 def test_accelerator_types_count_cores_or_chips():
