@@ -40,13 +40,14 @@ setuptools.setup(
         # gs:// paths: gcsfs for etils.epath (orbax's paths, data, metrics), google-cloud-storage
         # for TensorBoard's event files. Checkpoint arrays use tensorstore's own GCS driver.
         "gcp": ["gcsfs>=2024.6.0", "google-cloud-storage>=2.14"],
+        "wandb": ["wandb>=0.19"],  # config.log.wandb (mm15_jax/train/trackers.py)
         # torch/transformers: the public implementation the import parity tests compare with
         # (CPU wheel; on Python >= 3.12 those tests are skipped rather than pulling a CUDA build).
         # libtpu (unpinned): ahead-of-time compiles for TPU topologies (mm15_jax.plan) on a CPU host.
         # gcp-storage-emulator: the tests' GCS (tests/gcs_emulator.py).
         "test": ["pytest>=8.0", "libtpu", "torch==2.13.0; python_version < '3.12'",
                  "transformers>=4.45; python_version < '3.12'", "gcsfs>=2024.6.0", "google-cloud-storage>=2.14",
-                 "gcp-storage-emulator>=2024.8.3", "pyarrow>=16.0", "tensorflow-datasets>=4.9.9"],
+                 "gcp-storage-emulator>=2024.8.3", "pyarrow>=16.0", "tensorflow-datasets>=4.9.9", "wandb>=0.19"],
     },
     entry_points={
         "console_scripts": [

@@ -109,6 +109,8 @@ RULES = (
     ("data.seq_len", _int(1), "an integer >= 1", "4096"),
     ("model.dtype", _float_dtype, "a floating dtype name", "'bfloat16' or 'float32'"),
     ("model.param_dtype", _float_dtype, "a floating dtype name", "'float32'"),
+    ("log.wandb.mode", lambda v: v in ("online", "offline"), "'online' or 'offline' (W&B without a server)",
+     "offline"),
 )
 
 # The least text any example carries besides its image tiles: "User:", an indicator, a short
@@ -128,7 +130,10 @@ def range_errors(config) -> list[str]:
   the built-in tokenizer's smallest vocabulary, the source weights."""
   errors = []
   for field, test, what, example in RULES:
-    value = _get(config, field)
+    try:
+      value = _get(config, field)
+    except (KeyError, AttributeError):  # a config from before the field existed: its default applies
+      continue
     if not test(value):
       errors.append(f"{field}={value!r}: must be {what}, e.g. --config.{field}={example}")
   if errors:

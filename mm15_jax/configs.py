@@ -287,6 +287,9 @@ def base() -> ml_collections.ConfigDict:
   # () = off. all_processes=False traces process 0 only.
   c.profile = dict(steps=(), all_processes=False)
   c.log_every = 10
+  # Trackers (mm15_jax/train/trackers.py): TensorBoard in WORKDIR/tensorboard; Weights & Biases
+  # when wandb.project is set (the `wandb` extra), mode "online" or "offline".
+  c.log = dict(tensorboard=True, wandb=dict(project="", entity="", name="", mode="online", dir=""))
   return c
 
 

@@ -34,6 +34,7 @@ CASES = [
     ({"train.weight_decay": float("nan")}, "train.weight_decay=nan"),
     ({"checkpoint.keep": 0}, "checkpoint.keep=0"),
     ({"checkpoint.sigterm_grace_s": 0}, "checkpoint.sigterm_grace_s=0: must be seconds > 0"),
+    ({"log.wandb.mode": "offlien"}, "log.wandb.mode='offlien': must be 'online' or 'offline'"),
 ]
 
 

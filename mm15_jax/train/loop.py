@@ -108,7 +108,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     peak = flops_lib.peak_flops_per_device(config.train.peak_tflops_per_device)
     tokens_per_step = config.train.batch_size * config.data.seq_len
 
-    writer = MetricsWriter(workdir, config.train.steps, start, progress=progress)
+    writer = MetricsWriter(workdir, config.train.steps, start, progress=progress, config=config,
+                           run_record=run_record.run_entry(mesh) if jax.process_index() == 0 else None)
     writer.message(
         f"mm15_jax: {counts['total'] / 1e6:.2f}M params (vit {counts['vit'] / 1e6:.2f}M, connector "
         f"{counts['connector'] / 1e6:.2f}M, llm {counts['llm'] / 1e6:.2f}M), mesh {dict(mesh.shape)}, {origin}")

@@ -1,4 +1,5 @@
-"""Per-step metrics to the console, WORKDIR/metrics.jsonl and TensorBoard.
+"""Per-step metrics to the console, WORKDIR/metrics.jsonl and the trackers (trackers.py:
+TensorBoard by default, Weights & Biases with config.log.wandb).
 
 The console: a progress bar on a terminal; without one (`--no_progress`, or stdout a file or a
 pipe, as under every launcher) one plain line per logged step, e.g.
@@ -24,16 +25,18 @@ import tqdm
 
 from data_pipelines import storage
 from data_pipelines.progress import duration
+from mm15_jax.train.trackers import make_trackers
 
 
 class MetricsWriter:
   """Only process 0 writes; every process may call it."""
 
-  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, progress: bool = True):
+  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, progress: bool = True, *,
+               config=None, run_record: dict | None = None):
     self.active = jax.process_index() == 0
     self._bar = None
     self._jsonl = None
-    self._tb = None
+    self._trackers = []
     if not self.active:
       return
     # In a bucket the file is rewritten whole (no appends there), at most every 30 s for train rows,
@@ -43,8 +46,9 @@ class MetricsWriter:
     if relaunch:
       _drop_rows_after(path, initial_step, final=initial_step >= total_steps)
     self._jsonl = storage.Appender(path)
-    from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
-    self._tb = SummaryWriter(storage.join(workdir, "tensorboard"), purge_step=initial_step if relaunch else None)
+    self._trackers = make_trackers(config if config is not None else {}, workdir, initial_step if relaunch else None)
+    for tracker in self._trackers:
+      tracker.start(config.to_dict() if config is not None else {}, run_record or {})
     self._jsonl.write(json.dumps({"step": int(initial_step), "kind": "launch", "resumed_from": int(initial_step),
                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     self._jsonl.flush(force=True)
@@ -60,9 +64,9 @@ class MetricsWriter:
       record = {"step": int(step), "kind": kind, **{k: v for k, v in record.items() if k != "step"}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush(force=kind != "train")  # evaluations are few: seen at once
-    for k, v in record.items():
-      if isinstance(v, (int, float)) and k != "step":
-        self._tb.add_scalar(f"{kind}/{k}", v, step)
+    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "kind")}
+    for tracker in self._trackers:
+      tracker.scalars(int(step), kind, scalars)
     if self._bar is None and kind == "train":
       print(log_line(record, self._total), flush=True)
     if self._bar is not None and kind == "train":
@@ -90,7 +94,8 @@ class MetricsWriter:
     if self._bar is not None:
       self._bar.close()
     self._jsonl.close()
-    self._tb.close()
+    for tracker in self._trackers:
+      tracker.close()
 
 
 def log_line(row: dict, total_steps: int) -> str:
