@@ -103,7 +103,8 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
 
 
 def test_sigterm_to_two_processes_saves_the_agreed_step_and_resumes(tmp_path):
-  """JAX's preemption service spreads the notice; both processes save one step and exit 0."""
+  """JAX's preemption service spreads the notice; both processes save one step and exit 0. (Our
+  grace-period handler sits in front of JAX's: this shows JAX is still told.)"""
   proc = local_sh(2, f"--workdir={tmp_path}", "--config.train.steps=500", "--config.checkpoint.every=500")
   wait_for_train_row(proc, tmp_path)
   proc.send_signal(signal.SIGTERM)
@@ -117,6 +118,29 @@ def test_sigterm_to_two_processes_saves_the_agreed_step_and_resumes(tmp_path):
   assert rc == 0, out[-3000:]
   assert f"resumed from step {saved}" in out
   assert train_rows(tmp_path)[-1]["step"] == saved + 1
+
+
+def test_sigterm_ends_a_stalled_run_on_two_processes(tmp_path, monkeypatch):
+  """Under JAX's preemption service too (its handler still gets the signal): no step boundary
+  within the grace period, the job exits without saving."""
+  monkeypatch.setenv("MM15_STALL_BEFORE_FIRST_STEP", "1")
+  proc = local_sh(2, f"--workdir={tmp_path}", "--config.checkpoint.sigterm_grace_s=3")
+  lines = []
+  for line in proc.stdout:  # the start-up line (process 0): every handler is in place
+    lines.append(line)
+    if line.startswith("mm15_jax:") and "params" in line:
+      break
+  else:
+    raise AssertionError("".join(lines)[-3000:])
+  time.sleep(2)  # process 1 prints nothing: give it the moment process 0 needed after its line
+  start = time.time()
+  proc.send_signal(signal.SIGTERM)
+  rc, out = finish(proc, timeout=120)
+  out = "".join(lines) + out
+  assert rc != 0 and time.time() - start < 60, out[-3000:]
+  # The first to time out ends the job (the other is stopped by JAX's service or local.sh).
+  assert "no step boundary within checkpoint.sigterm_grace_s=3" in out, out[-3000:]
+  assert ckpt_lib.latest_step(tmp_path / "checkpoints") is None
 
 
 def test_sigterm_saves_at_the_step_boundary_and_a_relaunch_resumes(tmp_path):
