@@ -117,7 +117,7 @@ class ToExample:
     if isinstance(item, (bytes, bytearray)):
       record, reason = records.decode_or_skip(bytes(item))
       if record is None:
-        where = getattr(item, "where", None)  # sources.LocatedBytes: the file and record index
+        where = getattr(item, "where", None)  # records.LocatedBytes: the file and line, row or index
         record, note = dict(skipped=1, reason=reason), f"{where}: {reason}" if where else reason
       item = record
     # build, not the builder's call: a None (too long) would vanish in a MapDataset uncounted.

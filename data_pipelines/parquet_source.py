@@ -204,7 +204,7 @@ class ParquetSource:
       else:
         record = corpus_formats.conversation_record(row[self.columns[0]], self._images(row, image_of),
                                                     self.columns[0])
-      return records.encode(record)
+      return records.LocatedBytes(records.encode(record), where)
     except records.CorruptImage as e:
       return records.encode_error(f"{where}: {e}", corrupt_image=True)
     except records.MalformedRecord as e:

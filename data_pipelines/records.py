@@ -168,6 +168,19 @@ def encode(record) -> bytes:
   }, use_bin_type=True)
 
 
+class LocatedBytes(bytes):
+  """A serialised record that knows where it was read (`where`: a file and line, row or index),
+  so one that fails to decode later is reported with its place (mixture.ToExample)."""
+
+  def __new__(cls, data: bytes, where: str):
+    item = super().__new__(cls, data)
+    item.where = where
+    return item
+
+  def __reduce__(self):  # grain may pickle items between processes
+    return LocatedBytes, (bytes(self), self.where)
+
+
 def encode_error(reason: str, *, corrupt_image: bool = False) -> bytes:
   """A serialised source failure: `decode` raises CorruptImage / MalformedRecord with reason."""
   return msgpack.packb({_ERROR: reason, "corrupt_image": corrupt_image}, use_bin_type=True)

@@ -63,25 +63,12 @@ def shard_paths(paths_or_pattern) -> list[str]:
   return paths
 
 
-class LocatedBytes(bytes):
-  """A serialised record that knows where it was read (`where`), so a record that fails to
-  decode is reported with its place (mixture.ToExample)."""
-
-  def __new__(cls, data: bytes, where: str):
-    item = super().__new__(cls, data)
-    item.where = where
-    return item
-
-  def __reduce__(self):  # grain may pickle items between processes
-    return LocatedBytes, (bytes(self), self.where)
-
-
 class ArrayRecordSource:
   """Serialised records from ArrayRecord shards, indexed globally in shard order.
 
   Global index i is record i - (records in earlier shards) of its shard, so shards are
-  disjoint index ranges. Picklable (grain workers reopen the files). Items are LocatedBytes:
-  "<first shard> record <global index>".
+  disjoint index ranges. Picklable (grain workers reopen the files). Items are
+  records.LocatedBytes: "<first shard> record <global index>".
   """
 
   def __init__(self, paths):
@@ -94,10 +81,10 @@ class ArrayRecordSource:
     return len(self._source)
 
   def __getitem__(self, index: int) -> bytes:
-    return LocatedBytes(self._source[index], f"{self._label} record {int(index)}")
+    return records.LocatedBytes(self._source[index], f"{self._label} record {int(index)}")
 
   def __getitems__(self, indices) -> list[bytes]:
-    return [LocatedBytes(data, f"{self._label} record {int(i)}")
+    return [records.LocatedBytes(data, f"{self._label} record {int(i)}")
             for i, data in zip(indices, self._source.__getitems__(indices))]
 
   def __repr__(self) -> str:
@@ -216,7 +203,8 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> bytes:
     try:
-      return records.encode(tfds_to_record(self._source[index], self.fields))
+      return records.LocatedBytes(records.encode(tfds_to_record(self._source[index], self.fields)),
+                                  f"tfds {self.name}[{index}]")
     except records.MalformedRecord as e:
       return records.encode_error(f"tfds {self.name}[{index}]: {e}")
 
@@ -324,7 +312,7 @@ class JsonlSource:
                                     corrupt_image=True)
     record = {key: line[key] for key in ("kind", "messages", "category", "coords") if key in line}
     try:
-      return records.encode({**record, "images": images})
+      return records.LocatedBytes(records.encode({**record, "images": images}), where)
     except records.MalformedRecord as e:
       return records.encode_error(f"{where}: {e}")
 
@@ -345,7 +333,7 @@ class JsonlSource:
       messages = video_messages(line, len(frames))
       record = dict(kind="multi_image" if len(frames) > 1 else "conversation", messages=messages, images=frames,
                     category=line.get("category", ""))
-      return records.encode(record)
+      return records.LocatedBytes(records.encode(record), where)
     except records.MalformedRecord as e:
       return records.encode_error(f"{where}: {e}")
 

@@ -141,7 +141,7 @@ class WebDatasetSource:
     except records.MalformedRecord as e:
       return records.encode_error(f"{where}: {e}")  # the message names the member
     try:
-      return records.encode(record)
+      return records.LocatedBytes(records.encode(record), f"{where}: {key}")
     except records.MalformedRecord as e:
       return records.encode_error(f"{where}: {key}: {e}")
 

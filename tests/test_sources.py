@@ -253,6 +253,8 @@ def test_jsonl_source_items(jsonl_data):
       _assert_same(record, want)
     else:
       assert record is None and reason.startswith(want), (reason, want)
+      if "line" not in reason:  # found only when decoded: the item itself says where it was read
+        assert re.fullmatch(r"data\.jsonl line \d+", source[i].where), source[i].where
   with pytest.raises(IndexError):
     source[len(expected)]
 
