@@ -16,10 +16,10 @@ import tempfile
 
 import sentencepiece as spm
 
-from data_pipelines import builtin, sequence, storage
+from data_pipelines import builtin, records, sequence, storage
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = records.IMAGE_MARKER
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "mm15_jax", "tokenizer")
 
 # Bump when the corpus or the settings change meaning without changing the text below.

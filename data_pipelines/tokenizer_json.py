@@ -12,7 +12,7 @@ import json
 import tokenizers
 
 from data_pipelines import storage
-from data_pipelines.tokenizer import IMAGE_TOKEN
+from data_pipelines.records import IMAGE_MARKER as IMAGE_TOKEN
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token")
 

@@ -19,9 +19,9 @@ import re
 import numpy as np
 from PIL import Image, ImageSequence
 
-from data_pipelines import storage
+from data_pipelines import records, storage
 
-IMAGE_MARKER = "<image>"
+IMAGE_MARKER = records.IMAGE_MARKER
 DEFAULT_FRAMES = 24  # MM1.5-Video
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 

@@ -7,7 +7,9 @@ category, coords.
 
 import numpy as np
 
-IMAGE_MARKER = "<image>"
+from data_pipelines import records
+
+IMAGE_MARKER = records.IMAGE_MARKER
 # Different random streams, so the splits never share an example.
 SPLITS = {"train": 0, "eval": 1}
 MIN_SCALE = 0.75  # sides >= 18 px: room for shapes of >= 6 px and the 8 px font

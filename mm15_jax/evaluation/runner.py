@@ -19,12 +19,11 @@ import json
 import numpy as np
 from PIL import Image
 
-from data_pipelines import storage
+from data_pipelines import records, storage
 from data_pipelines.progress import Progress
 from mm15_jax import distributed
 from mm15_jax.evaluation import metrics as metrics_lib
 
-IMAGE_MARKER = "<image>"
 METRIC_NAMES = (*metrics_lib.METRICS, "grounding")
 
 
@@ -35,9 +34,9 @@ def load_image(path: str) -> np.ndarray:
 
 def with_markers(question: str, num_images: int) -> str:
   """The question as the user turn: image markers first unless it places them itself."""
-  if IMAGE_MARKER in question or not num_images:
+  if records.IMAGE_MARKER in question or not num_images:
     return question
-  return (IMAGE_MARKER + "\n") * num_images + question
+  return (records.IMAGE_MARKER + "\n") * num_images + question
 
 
 def read_rows(path: str, limit: int | None = None) -> list[dict]:
