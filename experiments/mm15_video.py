@@ -20,7 +20,7 @@ arg: a comma list of a size (1b, 3b, 7b, 30b, or tiny for CPU; default 3b) and a
 model); with "sft" it is also the video SFT run (data, steps, init), whose checkpoint the
 same config answers with. Every form keeps the tile budget: data.max_tiles holds every frame
 and data.seq_len frames x (tokens_per_tile + "Image k:") plus the text
-(mm15_jax/config_checks.py video_errors).
+(mm15_jax/train/config_checks.py video_errors).
 """
 
 import os

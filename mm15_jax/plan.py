@@ -138,9 +138,9 @@ def lower_step(config, mesh):
   import jax
 
   from mm15_jax import batch as batch_lib
-  from mm15_jax.config_checks import check_config
   from mm15_jax.train import state as state_lib
   from mm15_jax.train import step as step_lib
+  from mm15_jax.train.config_checks import check_config
 
   check_config(config, mesh, paths=False)  # a plan reads no checkpoint
   setup = state_lib.make_setup(config, mesh)

@@ -23,12 +23,12 @@ def summarize(config, devices: int) -> dict:
   from flax import nnx
 
   from mm15_jax import sharding as shd
-  from mm15_jax.train import state as state_lib
+  from mm15_jax.models import build
   from mm15_jax.train.flops import param_counts
 
-  abstract = nnx.eval_shape(lambda: state_lib.build_model(config.model, config.seed))
+  abstract = nnx.eval_shape(lambda: build.build_model(config.model, config.seed))
   _, params, _ = nnx.split(abstract, nnx.Param, ...)
-  logical = state_lib.logical_axes(params)
+  logical = build.logical_axes(params)
   shapes = nnx.to_pure_dict(params)
   mesh = types.SimpleNamespace(shape=shd.mesh_sizes(config.mesh, devices, dcn=config.get("mesh_dcn")))
   param_bytes = np.dtype(config.model.param_dtype).itemsize

@@ -1,5 +1,5 @@
 """Configs that cannot train sensibly are refused before anything compiles, naming the field,
-the value and a fix (mm15_jax/config_checks.py: RULES and the rules that relate fields)."""
+the value and a fix (mm15_jax/train/config_checks.py: RULES and the rules that relate fields)."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import pytest
 from tiny_setup import ROOT, host_batch, tiny_config
 
 from data_pipelines import tokenizer as tokenizer_lib
-from mm15_jax.config_checks import RULES, check_config
+from mm15_jax.train.config_checks import RULES, check_config
 
 # (overrides, text the error must contain): the issue's cases, then one bad value per RULES row.
 CASES = [

@@ -114,7 +114,7 @@ def experiment_specs():
 
 @pytest.mark.parametrize("spec", list(experiment_specs()), ids=lambda s: os.path.basename(s))
 def test_experiment_passes_the_config_checks(spec):
-  from mm15_jax.config_checks import check_config
+  from mm15_jax.train.config_checks import check_config
   # paths=False: a later stage's init.from_checkpoint names a run that does not exist until the
   # stage before it has trained (tests/test_config_rules.py checks the paths).
   check_config(configs.load_experiment(spec), paths=False)

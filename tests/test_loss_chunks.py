@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tiny_setup import host_batch, place, setup_on, tiny_config
 
-from mm15_jax import config_checks
+from mm15_jax.train import config_checks
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 from mm15_jax.train.loss import chunked_token_terms, fused_cross_entropy

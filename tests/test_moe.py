@@ -13,10 +13,10 @@ from jax.sharding import NamedSharding
 
 from mm15_jax import configs
 from mm15_jax import sharding as shd
+from mm15_jax.models import build
 from mm15_jax.models import moe as moe_lib
 from mm15_jax.models.llm import Decoder, upcycle_decoder_params
 from mm15_jax.models.mm15 import MM15
-from mm15_jax.train import state as state_lib
 
 D, F, E = 16, 24, 8
 
@@ -194,7 +194,7 @@ def on_mesh(params, mesh, *batch):
   """Params placed by their logical axes and the default rules (as the trainer does); batch arrays by rows."""
   rules = configs.DEFAULT_RULES
   pure = nnx.to_pure_dict(params)
-  shardings = state_lib.param_shardings(state_lib.logical_axes(params), pure, mesh, rules)
+  shardings = build.param_shardings(build.logical_axes(params), pure, mesh, rules)
   nnx.replace_by_pure_dict(params, jax.device_put(pure, shardings))
   rows = lambda a: NamedSharding(mesh, shd.logical_to_mesh(("batch",) + (None,) * (np.ndim(a) - 1), rules, mesh))
   return params, tuple(jax.device_put(a, rows(a)) for a in batch)
@@ -300,7 +300,7 @@ def test_upcycled_decoder_equals_dense(interval):
 
 def test_moe_param_tree_and_logical_axes():
   model = Decoder(tiny_llm(), moe=dict(num_experts=4, top_k=2, interval=2), rngs=nnx.Rngs(0))
-  logical = state_lib.logical_axes(nnx.state(model, nnx.Param))
+  logical = build.logical_axes(nnx.state(model, nnx.Param))
   sparse = logical["layers"]["sparse"]
   assert sparse["moe"]["router"] == ("layers", "embed", None)
   assert sparse["moe"]["gate"] == ("layers", "expert", "embed", "mlp")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from tiny_setup import tiny_config, train_on_fixed_batch
 
-from mm15_jax import config_checks
 from mm15_jax import sharding as shd
+from mm15_jax.train import config_checks
 from mm15_jax.train import state as state_lib
 
 AXES = shd.MESH_AXES

@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 from mm15_jax import configs
 from mm15_jax import sharding as shd
-from mm15_jax.config_checks import check_config
 from mm15_jax.hardware_rules import apply_hardware_rules
+from mm15_jax.train.config_checks import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,7 @@ from tiny_setup import tiny_config
 from data_pipelines import mixture, packing, records, sequence, sources
 from data_pipelines import tokenizer as tokenizer_lib
 from mm15_jax import configs
-from mm15_jax.config_checks import check_config, tile_budget_errors
+from mm15_jax.train.config_checks import check_config, tile_budget_errors
 from mm15_jax.train.prefetch import DevicePrefetcher
 
 

@@ -13,10 +13,10 @@ from tiny_setup import place, setup_on, tiny_config
 import data_pipelines
 from data_pipelines import packing, pipeline
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax.config_checks import check_config
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 from mm15_jax.train.best_checkpoint import read_record
+from mm15_jax.train.config_checks import check_config
 from mm15_jax.train.in_training_eval import HeldOutEval
 from mm15_jax.train.loop import train_and_evaluate
 

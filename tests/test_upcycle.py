@@ -11,11 +11,11 @@ from tiny_setup import host_batch, place, setup_on, tiny_config
 
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import sharding as shd
-from mm15_jax.config_checks import check_config
 from mm15_jax.convert import importer
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 from mm15_jax.train import upcycle
+from mm15_jax.train.config_checks import check_config
 from mm15_jax.train.loop import train_and_evaluate
 
 DATA = dict(data=8, fsdp=1, tensor=1, expert=1)

@@ -31,7 +31,7 @@ from mm15_jax import configs, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.convert import public_decoder, public_moe_decoder, public_vision, tensor_map
 from mm15_jax.convert.safetensors_dir import PublicCheckpoint
-from mm15_jax.train import state as state_lib
+from mm15_jax.models import build
 
 KINDS = ("llm", "vit")
 
@@ -54,7 +54,7 @@ def experiment_config(kind: str, part_config: dict, *, tokenizer: str = "none"):
 
 def abstract_part(config, kind: str, mesh):
   """(ShapeDtypeStructs carrying their shardings, shardings) of one part's params under `mesh`."""
-  structs = state_lib.abstract_params(config, mesh)[2][kind]
+  structs = build.abstract_params(config, mesh)[2][kind]
   return structs, jax.tree.map(lambda a: a.sharding, structs)
 
 

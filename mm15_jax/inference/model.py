@@ -29,7 +29,7 @@ from mm15_jax import sharding as shd
 from mm15_jax.inference import decode as decode_lib
 from mm15_jax.inference import grounding
 from mm15_jax.inference import prompt as prompt_lib
-from mm15_jax.train import state as state_lib
+from mm15_jax.models import build
 
 
 @dataclasses.dataclass
@@ -202,7 +202,7 @@ class Model:
 def _abstract(config, devices=None):
   """(mesh, graphdef, rest, abstract params carrying their shardings) of a config's model."""
   mesh = shd.make_mesh(config.mesh, devices)
-  return (mesh, *state_lib.abstract_params(config, mesh))
+  return (mesh, *build.abstract_params(config, mesh))
 
 
 def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None,
@@ -216,7 +216,7 @@ def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None,
   config = _inference_config(config, checkpoint_dir)
   mesh, graphdef, rest, abstract = _abstract(config, devices)
   def init():
-    fresh = lambda: nnx.to_pure_dict(nnx.split(state_lib.build_model(config.model, config.seed), nnx.Param, ...)[1])
+    fresh = lambda: nnx.to_pure_dict(nnx.split(build.build_model(config.model, config.seed), nnx.Param, ...)[1])
     return jax.jit(fresh, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
 
   # A checkpoint of some parts only (an import) gets the others fresh from config.seed.

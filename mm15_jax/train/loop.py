@@ -18,13 +18,13 @@ from mm15_jax import batch as batch_lib
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import distributed, run_record
 from mm15_jax import sharding as shd
-from mm15_jax.config_checks import check_config
 from mm15_jax.models.mm15 import position_grids
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import in_training_eval, upcycle
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
 from mm15_jax.train.best_checkpoint import BestCheckpoint
+from mm15_jax.train.config_checks import check_config
 from mm15_jax.train.metrics import MetricsWriter
 from mm15_jax.train.preemption import PreemptionWatch
 from mm15_jax.train.prefetch import DevicePrefetcher, global_batch_putter

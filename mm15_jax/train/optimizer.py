@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from mm15_jax.models.build import is_axes
+
 COMPONENTS = ("vit", "connector", "llm")
 
 
@@ -30,17 +32,13 @@ def trainable_components(train_config) -> tuple[str, ...]:
   return names
 
 
-def _is_axes(x):
-  return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
-
-
 def decay_mask(logical_axes: dict) -> dict:
   """Weight decay on weight matrices only: not on norms' scales, nor on biases (vectors, or
   [heads, head_dim] for the decoder's q/k/v biases)."""
   def is_matrix(path, names):
     name = str(getattr(path[-1], "key", path[-1]))
     return not name.endswith("bias") and len([n for n in names if n != "layers"]) >= 2
-  return jax.tree_util.tree_map_with_path(is_matrix, logical_axes, is_leaf=_is_axes)
+  return jax.tree_util.tree_map_with_path(is_matrix, logical_axes, is_leaf=is_axes)
 
 
 def _decay_mask_fn(logical_axes: dict):

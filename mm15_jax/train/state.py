@@ -15,30 +15,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mm15_jax import sharding as shd
-from mm15_jax.models.mm15 import MM15
+from mm15_jax.models import build
 from mm15_jax.train import optimizer as opt_lib
-
-
-def build_model(model_config, seed: int = 0) -> MM15:
-  return MM15(model_config, rngs=nnx.Rngs(seed))
-
-
-def logical_axes(param_state: nnx.State) -> dict:
-  """Pure dict of each param's logical axis names (None for an unnamed dimension)."""
-  out: dict = {}
-  for path, var in nnx.to_flat_state(param_state):
-    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-    if len(names) != len(var.shape):
-      raise ValueError(f"param {'/'.join(map(str, path))}: logical axes {names} do not match shape {var.shape}")
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = tuple(names)
-  return out
-
-
-def _is_axes(x):
-  return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
 
 
 @dataclasses.dataclass
@@ -61,16 +39,6 @@ class TrainSetup:
   def batch_sharding(self, ndim: int) -> NamedSharding:
     spec = shd.logical_to_mesh(("batch",) + (None,) * (ndim - 1), self.config.sharding_rules, self.mesh)
     return NamedSharding(self.mesh, spec)
-
-
-def param_shardings(logical: dict, abstract_params: dict, mesh, rules) -> dict:
-  def one(path, names, shape_struct):
-    spec = shd.logical_to_mesh(names, rules, mesh)
-    shd.check_divisible(
-        shape_struct.shape, spec, mesh, f"param {jax.tree_util.keystr(path)} with logical axes {names}",
-        "change config.mesh, config.sharding_rules, or the model dimension")
-    return NamedSharding(mesh, spec)
-  return jax.tree_util.tree_map_with_path(one, logical, abstract_params, is_leaf=_is_axes)
 
 
 def _key_names(path) -> tuple:
@@ -98,25 +66,14 @@ def optimizer_state_shardings(abstract_opt, abstract_params, p_shardings, replic
   return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
-def abstract_params(config, mesh):
-  """(graphdef, rest, params as ShapeDtypeStructs carrying their shardings on `mesh`): the model
-  of `config` without allocating it, as inference and checkpoint import place params."""
-  model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  logical, abstract = logical_axes(params), nnx.to_pure_dict(params)
-  shardings = param_shardings(logical, abstract, mesh, config.sharding_rules)
-  structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return graphdef, rest, structs
-
-
 def make_setup(config, mesh) -> TrainSetup:
   """Abstract model, optimizer and every sharding, checked before any compile."""
-  abstract_model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
+  abstract_model = nnx.eval_shape(lambda: build.build_model(config.model, config.seed))
   graphdef, abstract_param_state, rest = nnx.split(abstract_model, nnx.Param, ...)
-  logical = logical_axes(abstract_param_state)
+  logical = build.logical_axes(abstract_param_state)
   abstract_params = nnx.to_pure_dict(abstract_param_state)
   tx = opt_lib.make_optimizer(config.train, logical)
-  p_shardings = param_shardings(logical, abstract_params, mesh, config.sharding_rules)
+  p_shardings = build.param_shardings(logical, abstract_params, mesh, config.sharding_rules)
   replicated = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = optimizer_state_shardings(abstract_opt, abstract_params, p_shardings, replicated)
@@ -137,7 +94,7 @@ def init_state(setup: TrainSetup) -> dict:
   config = setup.config
 
   def init():
-    _, params, _ = nnx.split(build_model(config.model, config.seed), nnx.Param, ...)
+    _, params, _ = nnx.split(build.build_model(config.model, config.seed), nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     return dict(
         step=jnp.zeros((), jnp.int32),

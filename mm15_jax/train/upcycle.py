@@ -18,9 +18,9 @@ function whose outputs are the MoE params' shardings: no host holds a whole mode
 import jax
 
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax.config_checks import init_errors
+from mm15_jax.models import build
 from mm15_jax.models.llm import upcycle_decoder_params
-from mm15_jax.train import state as state_lib
+from mm15_jax.train.config_checks import init_errors
 from mm15_jax.train.state import TrainSetup
 
 
@@ -61,7 +61,7 @@ def load_upcycled(path: str, setup: TrainSetup, init_params: dict, **load_kw) ->
   if "llm" not in have:
     raise ValueError(f"config.init.upcycle_from={path!r} holds no decoder params (it has {have}); "
                      "give a dense run's checkpoint or an imported decoder (`python -m mm15_jax.convert import`)")
-  _, _, dense_abstract = state_lib.abstract_params(dense_config(config), setup.mesh)
+  _, _, dense_abstract = build.abstract_params(dense_config(config), setup.mesh)
   try:
     dense = ckpt_lib.load_param_parts({}, dense_abstract, {p: path for p in dense_abstract if p in have},
                                       **load_kw)

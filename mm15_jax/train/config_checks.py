@@ -12,6 +12,7 @@ from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.builtin import video as builtin_video
 from mm15_jax import hardware_rules
 from mm15_jax import sharding as shd
+from mm15_jax.train import in_training_eval, profiling  # the trainer's own names and rules
 
 
 def check_config(config, mesh=None, tokenizer=None, paths: bool = True) -> None:
@@ -174,8 +175,6 @@ def init_path_errors(config) -> list[str]:
 
 def eval_and_profile_errors(config) -> list[str]:
   """config.eval and config.profile: the in-training evaluation, best checkpoint and trace."""
-  from mm15_jax.train import in_training_eval, profiling  # the trainer's own names and rules
-
   e, errors = config.eval, []
   for field, low in (("every", 0), ("batches", 1), ("generate_per_task", 0)):
     value = e[field]
