@@ -17,9 +17,10 @@ from PIL import Image
 from data_pipelines import builtin, convert, mixture, records, sources, video_frames
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.sequence import ExampleBuilder
+from mm15_jax import configs
 from mm15_jax.evaluation import builtin_eval
 from mm15_jax.inference import video
-from mm15_jax.train import config_checks, configs
+from mm15_jax.train import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 90
