@@ -86,8 +86,16 @@ def _write_shards(source, shard_ids, shards: int, temps: list[str], check_images
   return out
 
 
-def _write_shard_worker(source, shard, shards, temps, check_images):
-  return _write_shards(source, [shard], shards, temps, check_images)
+_worker_source = None  # in each --num_workers process: the input, unpickled once per process
+
+
+def _set_worker_source(source) -> None:
+  global _worker_source
+  _worker_source = source
+
+
+def _write_shard_in_worker(shard, shards, temps, check_images):
+  return _write_shards(_worker_source, [shard], shards, temps, check_images)
 
 
 def convert(jsonl: str | None, out: str, *, shards: int = 1, image_root: str | None = None,
@@ -117,13 +125,16 @@ def convert(jsonl: str | None, out: str, *, shards: int = 1, image_root: str | N
     if num_workers:
       # spawn: a fresh interpreter per worker (fork would copy open files and threads).
       context = multiprocessing.get_context("spawn")
-      pool = futures.ProcessPoolExecutor(min(num_workers, shards), mp_context=context)
+      # The source (a JSONL source holds every line's offset) goes to each worker once, not per shard.
+      pool = futures.ProcessPoolExecutor(min(num_workers, shards), mp_context=context,
+                                         initializer=_set_worker_source, initargs=(source,))
       try:
-        jobs = [pool.submit(_write_shard_worker, source, shard, shards, temps, check_images)
-                for shard in range(shards)]
+        jobs = {pool.submit(_write_shard_in_worker, shard, shards, temps, check_images): shard
+                for shard in range(shards)}
         for job in futures.as_completed(jobs):
-          bar.update(sum(job.result()["per_shard"].values()) + sum(job.result()["skipped"].values()))
-        parts = [job.result() for job in jobs]  # shard order: the same summary as one process
+          job.result()  # a failed shard raises here
+          bar.update(len(_shard_range(jobs[job], shards, n)))
+        parts = [job.result() for job in jobs]  # shard order (dicts keep it): the same summary as one process
       finally:
         pool.shutdown(wait=True, cancel_futures=True)  # a failed shard stops the rest
     else:
