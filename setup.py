@@ -35,7 +35,7 @@ setuptools.setup(
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         # Data sources beyond JSONL, ArrayRecord and WebDataset.
-        "parquet": ["pyarrow>=16.0"],  # kind="parquet" (data_pipelines.parquet_source)
+        "parquet": ["pyarrow>=16.0"],  # kind="parquet" (data_pipelines.sources.parquet)
         "tfds": ["tensorflow-datasets>=4.9.9"],  # kind="tfds"
         # gs:// paths: gcsfs for etils.epath (orbax's paths, data, metrics), google-cloud-storage
         # for TensorBoard's event files. Checkpoint arrays use tensorstore's own GCS driver.
@@ -60,7 +60,7 @@ setuptools.setup(
             "mm15-convert-data=mm15_jax.cli:convert_data",
             "mm15-inspect=mm15_jax.cli:inspect_data",
             "mm15-sweep=mm15_jax.sweep:run",
-            "mm15-plan=mm15_jax.plan:run",
+            "mm15-plan=mm15_jax.plan.main:run",
             "mm15-summary=mm15_jax.summary:run",
         ],
     },

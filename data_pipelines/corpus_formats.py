@@ -12,7 +12,7 @@ The Parquet and WebDataset sources read the containers; this module knows the ro
 
 Functions raise records.MalformedRecord / records.CorruptImage naming the field; the
 sources turn those into `records.encode_error` items, counted as skips downstream.
-Also here: the shard-name patterns both sources accept (globs and `{000..099}` braces).
+Also here: the file names the Parquet, WebDataset and JSONL sources accept (globs and `{000..099}` braces).
 """
 
 import os

@@ -6,13 +6,17 @@
                      eval_paths="gs://b/docvqa_val-*.array_record"),
       "vqa": dict(kind="tfds", weight=0.1, name="my_vqa", split="train", eval_split="validation",
                   data_dir="/data/tfds", fields=dict(image="image", question="question", answer="answer")),
-      "mine": dict(kind="jsonl", weight=0.1, path="/data/mine.jsonl", eval_path="/data/mine_val.jsonl"),
+      "mine": dict(kind="jsonl", weight=0.1, paths="/data/mine.jsonl", eval_paths="/data/mine_val.jsonl"),
       "obelics": dict(kind="parquet", weight=0.1, paths="/data/obelics/train-*.parquet",
                       eval_paths="/data/obelics/val-*.parquet", image_root="/data/obelics/images",
                       fields=dict(texts="texts", images="images")),   # optional, as is layout=
       "llava": dict(kind="webdataset", weight=0.1, paths="/data/llava/train-{000000..000099}.tar",
                     eval_paths="/data/llava/val-000000.tar"),
   }
+
+`kind` picks the builder in `sources.KINDS` (one module per kind in data_pipelines/sources/),
+and the keys of each kind are `sources.SPEC_KEYS[kind]`: an unknown kind or key is an error
+naming it (`config.data.sources.NAME.KEY`) when the source is made, before anything is read.
 
 Each source is shuffled with its own seed and repeated, then `grain.MapDataset.mix` interleaves
 them deterministically in the proportions of the weights. Items are records (built-in sources)
@@ -22,55 +26,15 @@ grain's worker processes run.
 
 import grain
 
-from data_pipelines import builtin, records, storage
+from data_pipelines import records
 from data_pipelines import sources as sources_lib
 from data_pipelines.sequence import ExampleBuilder
 
-KINDS = ("builtin", "array_record", "tfds", "jsonl", "parquet", "webdataset")
-
-
-def _field(spec, key, default=None):
-  return spec.get(key, default) if hasattr(spec, "get") else getattr(spec, key, default)
-
 
 def make_source(name: str, spec, config, split: str):
-  """One source of `config.data.sources` for split "train" or "eval"."""
-  kind = _field(spec, "kind", "builtin")
-  where = f"config.data.sources.{name}"
-  if kind == "builtin":
-    task = _field(spec, "task", name)
-    if task not in builtin.SOURCES:
-      raise ValueError(f"{where}.task={task!r}: built-in tasks are {sorted(builtin.SOURCES)}")
-    size = config.data.num_examples if split == "train" else config.data.eval_examples
-    return builtin.SOURCES[task](split, size, seed=config.seed, image_scale=config.data.image_scale)
-  is_eval = split == "eval"
-  if kind in ("array_record", "parquet", "webdataset"):
-    key = "eval_paths" if is_eval else "paths"
-    paths = _field(spec, key)
-    if not paths:
-      raise ValueError(f"{where}: kind={kind!r} needs {key}")
-    if kind == "parquet":
-      return sources_lib.ParquetSource(paths, image_root=_field(spec, "image_root"), layout=_field(spec, "layout"),
-                                       allow_absolute_paths=_field(spec, "allow_absolute_paths", False),
-                                       fields=dict(_field(spec, "fields", {}) or {}))
-    if kind == "webdataset":
-      return sources_lib.WebDatasetSource(paths, fields=dict(_field(spec, "fields", {}) or {}))
-    storage.local_only(paths, f"{where}.{key}")
-    return sources_lib.ArrayRecordSource(paths)
-  if kind == "tfds":
-    storage.local_only(_field(spec, "data_dir") or "", f"{where}.data_dir")  # tfds datasets are ArrayRecord
-    return sources_lib.TfdsSource(
-        _field(spec, "name"), _field(spec, "eval_split" if is_eval else "split", "train"),
-        _field(spec, "data_dir"), fields=dict(_field(spec, "fields", {}) or {}))
-  if kind == "jsonl":
-    path = _field(spec, "eval_path" if is_eval else "path")
-    if not path:
-      raise ValueError(f"{where}: kind='jsonl' needs {'eval_path' if is_eval else 'path'}")
-    # Video lines are sampled to the source's `frames`, else config.video.frames (mm15_video.py).
-    frames = _field(spec, "frames") or _field(_field(config, "video") or {}, "frames")
-    return sources_lib.JsonlSource(path, _field(spec, "image_root"), frames=frames,
-                                   allow_absolute_paths=_field(spec, "allow_absolute_paths", False))
-  raise ValueError(f"{where}.kind={kind!r}: expected one of {KINDS}")
+  """One source of `config.data.sources` for split "train" or "eval": the builder of its kind."""
+  sources_lib.validate_spec(name, spec)  # a typo fails here, not as a default silently kept
+  return sources_lib.KINDS[sources_lib.kind_of(name, spec)](name, spec, config, split)
 
 
 def weights(config) -> dict:
@@ -78,7 +42,7 @@ def weights(config) -> dict:
   if not specs:
     raise ValueError("config.data.sources is empty: name at least one source, e.g. "
                      "dict(qa=dict(kind='builtin', weight=1.0))")
-  out = {name: float(_field(spec, "weight", 1.0)) for name, spec in specs.items()}
+  out = {name: float(sources_lib.specs.field(spec, "weight", 1.0)) for name, spec in specs.items()}
   bad = {n: w for n, w in out.items() if w < 0}
   if bad or sum(out.values()) <= 0:
     raise ValueError(f"config.data.sources weights must be >= 0 and not all 0, got {out}")

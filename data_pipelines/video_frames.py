@@ -1,6 +1,6 @@
 """Video clips as MM1.5-Video sees them: N uniformly sampled frames, one image each.
 
-Shared by training (JSONL clips, data_pipelines/sources.py; the built-in "video" clips) and
+Shared by training (JSONL clips, data_pipelines/sources/jsonl.py; the built-in "video" clips) and
 inference (mm15_jax/inference/video.py), so both sample the same frames and lay out the
 same prompt.
 

@@ -8,7 +8,7 @@ Training-free (the image SFT model as it is):
 
 Video SFT (frames as images, one tile each, never split), starting from the image SFT model;
 clips are JSONL lines {"video": "clips/0001/" or "clips/0001.gif", "question", "answer"}
-(or "messages"; data_pipelines/sources.py JsonlSource), converted with the same frame sampling:
+(or "messages"; data_pipelines/sources/jsonl.py), converted with the same frame sampling:
 
   python -m data_pipelines.convert --jsonl=clips.jsonl --frames=24 --out=data/mm15/video/video --shards=64
   python -m mm15_jax.train --config=experiments/mm15_video.py:3b,sft --workdir=DIR \
@@ -62,7 +62,7 @@ def video_sft(c, size: str) -> None:
                       "text_chat": dict(kind="builtin", weight=0.1)}
     return
   # ArrayRecord clips from `data_pipelines.convert --jsonl=... --frames=24` (frames stored as
-  # images); a JSONL source works too: dict(kind="jsonl", path=..., eval_path=..., image_root=...),
+  # images); a JSONL source works too: dict(kind="jsonl", paths=..., eval_paths=..., image_root=...),
   # sampled to config.video.frames as it is read.
   paper = configs.paper_sources("sft", ROOT)
   c.data.sources = {

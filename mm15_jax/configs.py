@@ -12,18 +12,22 @@ import os
 
 import ml_collections
 
-# Decoder LLM shapes. `head_dim` = d_model / n_heads unless given.
+# Decoder LLM sizes, one row each: adding a size is adding its row. `nominal_params`: the count a
+# paper size is named for (MM1's learning-rate rule, the size tests); a test model has none, and
+# `mm15()` builds paper sizes only. The rest is the decoder's shape (`head_dim` = d_model / n_heads
+# unless given).
 LLM_SIZES = {
     # 30B: 52 heads do not split into 8 KV groups; 4 KV heads (13 queries each) is our choice.
-    "30b": dict(n_layers=60, d_model=6656, n_heads=52, n_kv_heads=4, mlp_dim=17920),
-    "7b": dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, mlp_dim=11008),
-    "3b": dict(n_layers=28, d_model=3072, n_heads=24, n_kv_heads=8, mlp_dim=8192),
-    "1b": dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, mlp_dim=8192),
+    "30b": dict(nominal_params=30e9, n_layers=60, d_model=6656, n_heads=52, n_kv_heads=4, mlp_dim=17920),
+    "7b": dict(nominal_params=7e9, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, mlp_dim=11008),
+    "3b": dict(nominal_params=3e9, n_layers=28, d_model=3072, n_heads=24, n_kv_heads=8, mlp_dim=8192),
+    "1b": dict(nominal_params=1e9, n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, mlp_dim=8192),
     "tiny": dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_dim=192),
 }
 
-# Nominal parameter counts, for the learning-rate rule and the size tests.
-NOMINAL_PARAMS = {"1b": 1e9, "3b": 3e9, "7b": 7e9, "30b": 30e9}
+# The paper sizes, smallest first -> their nominal parameter counts.
+NOMINAL_PARAMS = dict(sorted(((size, row["nominal_params"]) for size, row in LLM_SIZES.items()
+                              if "nominal_params" in row), key=lambda item: item[1]))
 
 # MM1.5's MoE sizes: 64 experts, top-2, MoE in every other decoder layer, experts the size
 # of the dense FFN (so they can be upcycled from it). MM1's 7B-MoE: 32 experts, every 4th.
@@ -65,7 +69,7 @@ def tokens_per_tile(image_size: int, patch_size: int) -> int:
 
 
 def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_collections.ConfigDict:
-  llm = dict(LLM_SIZES[size])
+  llm = {key: value for key, value in LLM_SIZES[size].items() if key != "nominal_params"}  # the shape
   llm.setdefault("head_dim", llm["d_model"] // llm["n_heads"])
   llm.update(vocab_size=vocab_size, rope_theta=500_000.0, tie_embeddings=False, norm_eps=1e-5,
              qkv_bias=False,  # biases on the q/k/v projections (Qwen2-style decoders)
@@ -158,11 +162,10 @@ def size_and_stage(arg, default_size: str = "3b", default_stage: str = "sft") ->
   for token in filter(None, (arg or "").split(",")):
     if token in STAGES:
       stage = token
-    elif token in NOMINAL_PARAMS or token == "tiny":
+    elif token in LLM_SIZES:
       size = token
     else:
-      raise ValueError(f"experiment arg {token!r}: expected a size {sorted(NOMINAL_PARAMS)} or 'tiny', "
-                       f"and/or a stage {STAGES}")
+      raise ValueError(f"experiment arg {token!r}: expected a size {sorted(LLM_SIZES)}, and/or a stage {STAGES}")
   return size, stage
 
 

@@ -53,7 +53,7 @@ def hand_count_llm(size, vocab):
   return s["n_layers"] * (attn + mlp + norms) + 2 * vocab * d + d
 
 
-@pytest.mark.parametrize("size", ["1b", "3b", "7b", "30b"])
+@pytest.mark.parametrize("size", list(configs.NOMINAL_PARAMS))  # every paper size in the table
 def test_paper_sizes_param_count(size):
   c = configs.mm15(size, "pretrain")
   s = summary_lib.summarize(c, devices=256)  # abstract: nothing is allocated

@@ -1,4 +1,4 @@
-"""The ahead-of-time pod planner (mm15_jax/plan.py) on the tiny model.
+"""The ahead-of-time pod planner (mm15_jax/plan/) on the tiny model.
 
 TPU chips come from libtpu's compile-only topology devices: they need no TPU backend, so they
 work in this process although conftest sets JAX_PLATFORMS=cpu.
@@ -16,8 +16,11 @@ import pytest
 from absl import flags
 
 from mm15_jax import configs
-from mm15_jax import plan as plan_lib
 from mm15_jax import sharding as shd
+from mm15_jax.plan import chips as chips_lib
+from mm15_jax.plan import estimate
+from mm15_jax.plan import main as plan_main
+from mm15_jax.plan import report as report_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "tiny.py")
@@ -39,7 +42,7 @@ def tiny(batch_size=8, vit_depth=2):
 def parse(argv):
   """The CLI's flags, parsed into a fresh FlagValues (overrides are read from `argv`)."""
   fv = flags.FlagValues()
-  plan_lib.define_flags(fv, argv)
+  plan_main.define_flags(fv, argv)
   fv(argv)
   return fv
 
@@ -47,8 +50,8 @@ def parse(argv):
 @pytest.fixture(scope="module")
 def v5p_report():
   # Stacks of different depths (2 decoder, 3 encoder layers), so the probe's split between them counts.
-  chip = plan_lib.tpu_chip("v5p:2x2x1")
-  return plan_lib.plan(tiny(vit_depth=3), plan_lib.tpu_devices("v5p:2x2x1"), chip, "v5p:2x2x1", name="tiny")
+  chip = chips_lib.tpu_chip("v5p:2x2x1")
+  return estimate.plan(tiny(vit_depth=3), chips_lib.tpu_devices("v5p:2x2x1"), chip, "v5p:2x2x1", name="tiny")
 
 
 @needs_libtpu
@@ -85,8 +88,8 @@ def test_flops_are_per_chip_and_count_every_layer(v5p_report):
   # the stacked params outside the layers (AdamW) is counted as layer work: about 1% here.
   c = tiny(vit_depth=3)
   c.model.scan_unroll = 3
-  mesh = shd.make_mesh(c.mesh, plan_lib.tpu_devices("v5p:2x2x1"))
-  unrolled = plan_lib.compile_step(c, mesh)[1].cost_analysis()
+  mesh = shd.make_mesh(c.mesh, chips_lib.tpu_devices("v5p:2x2x1"))
+  unrolled = estimate.compile_step(c, mesh)[1].cost_analysis()
   unrolled = unrolled[0] if isinstance(unrolled, list) else unrolled
   assert r["flops_per_step"] == pytest.approx(4 * unrolled["flops"], rel=0.03)
   # The step compiled with scans, as XLA reports it, counts one layer of each stack only.
@@ -101,9 +104,9 @@ def test_flops_count_every_chunk_of_the_fused_loss(v5p_report):
   adds the other 7 by formula, so the step's FLOPs stay those of the one-chunk step (256)."""
   c = tiny(vit_depth=3)
   c.train.loss_chunk = 32
-  r = plan_lib.plan(c, plan_lib.tpu_devices("v5p:2x2x1"), plan_lib.tpu_chip("v5p:2x2x1"), "v5p:2x2x1")
+  r = estimate.plan(c, chips_lib.tpu_devices("v5p:2x2x1"), chips_lib.tpu_chip("v5p:2x2x1"), "v5p:2x2x1")
   head = 6 * 8 * 256 * 64 * 512  # batch, tokens, d, vocab: per step, over the 4 chips
-  assert plan_lib.head_chunks_left_out(c, 4) == pytest.approx(head * 7 / 8 / 4)
+  assert estimate.head_chunks_left_out(c, 4) == pytest.approx(head * 7 / 8 / 4)
   assert r["flops_per_step"] == pytest.approx(v5p_report["flops_per_step"], rel=0.01)
   assert r["xla_as_reported"]["flops_per_chip"] < v5p_report["xla_as_reported"]["flops_per_chip"] - head / 8 / 4
 
@@ -112,7 +115,7 @@ def test_flops_count_every_chunk_of_the_fused_loss(v5p_report):
 def test_cli_json_and_a_case_that_does_not_fit(capsys):
   argv = ["plan", f"--config={TINY}", "--config.train.batch_size=4", "--topology=v5e:2x2",
           "--device_memory_gib=0.01", "--noprobe", "--json"]
-  reports = plan_lib.execute(parse(argv))
+  reports = plan_main.execute(parse(argv))
   printed = json.loads(capsys.readouterr().out.strip())
   assert printed == json.loads(json.dumps(reports[0]))
   for key in ("config", "topology", "fits", "bytes_per_chip", "hbm_bytes_per_chip", "flops_per_step",
@@ -130,10 +133,10 @@ def test_a_step_xla_refuses_for_memory_is_reported_as_not_fitting():
   # float32 logits of a 2^20-token vocabulary, 4096 tokens per chip: 16 GiB of temporaries alone.
   c = tiny(batch_size=64)
   c.model.llm.vocab_size = 2**20
-  r = plan_lib.plan(c, plan_lib.tpu_devices("v5e:2x2"), plan_lib.tpu_chip("v5e:2x2"), "v5e:2x2", probe=False)
+  r = estimate.plan(c, chips_lib.tpu_devices("v5e:2x2"), chips_lib.tpu_chip("v5e:2x2"), "v5e:2x2", probe=False)
   assert r["fits"] is False and r["flops_per_step"] is None
   assert 4096 * 2**20 * 4 <= r["bytes_per_chip"] and "RESOURCE_EXHAUSTED" in r["notes"][-1]
-  assert "DOES NOT FIT" in plan_lib.format_report(r)
+  assert "DOES NOT FIT" in report_lib.format_report(r)
 
 
 @needs_libtpu
@@ -141,7 +144,7 @@ def test_sweep_keeps_going_past_a_case_that_does_not_split(capsys):
   # 4 sequences do not split over the 8 data shards of either slice: error rows, before any compile.
   argv = ["plan", "--sweep", f"--config={TINY}", "--config.train.batch_size=4", "--topologies=v5p:2x2x2,v4:2x2x2",
           "--remat=none,full"]
-  reports = plan_lib.execute(parse(argv))
+  reports = plan_main.execute(parse(argv))
   assert [(r["topology"], r["remat"]) for r in reports] == [
       ("v5p:2x2x2", "none"), ("v5p:2x2x2", "full"), ("v4:2x2x2", "none"), ("v4:2x2x2", "full")]
   assert all("train.batch_size" in r["error"] and "use a multiple of 8" in r["error"] for r in reports)
@@ -153,18 +156,18 @@ def test_sweep_keeps_going_past_a_case_that_does_not_split(capsys):
 
 def test_accelerator_types_count_cores_or_chips():
   # Cloud TPU names: v4 and v5p slices by TensorCores (2 per chip), v5e and v6e by chips.
-  assert plan_lib.accelerator_type("v5p:4x4x4", 64) == "v5p-128"
-  assert plan_lib.accelerator_type("v4:2x2x1", 4) == "v4-8"
-  assert plan_lib.accelerator_type("v5e:16x16", 256) == "v5litepod-256"
-  assert plan_lib.accelerator_type("v6e:2x2", 4) == "v6e-4"
+  assert chips_lib.accelerator_type("v5p:4x4x4", 64) == "v5p-128"
+  assert chips_lib.accelerator_type("v4:2x2x1", 4) == "v4-8"
+  assert chips_lib.accelerator_type("v5e:16x16", 256) == "v5litepod-256"
+  assert chips_lib.accelerator_type("v6e:2x2", 4) == "v6e-4"
 
 
 @needs_libtpu
 def test_hardware_rules_apply_as_in_the_trainer():
   c = tiny(batch_size=8)
   c.hardware_rules = ((r"^TPU v5$", {"train.batch_size": 16}), (r"^v5litepod-4$", {"train.batch_size": 4}))
-  devices, chip = plan_lib.tpu_devices("v5e:2x2"), plan_lib.tpu_chip("v5e:2x2")
-  r = plan_lib.plan(c, devices, chip, "v5e:2x2", probe=False)
+  devices, chip = chips_lib.tpu_devices("v5e:2x2"), chips_lib.tpu_chip("v5e:2x2")
+  r = estimate.plan(c, devices, chip, "v5e:2x2", probe=False)
   assert r["batch_size"] == 4 and any("hardware rule 1" in n for n in r["notes"])
   assert c.train.batch_size == 8  # the caller's config is not changed
 
@@ -175,13 +178,13 @@ def test_smallest_fitting_topology():
           dict(config="a", remat="full", topology="v5p:2x2x4", chips=16, fits=True),
           dict(config="a", remat="dots", topology="v5p:2x2x4", chips=16, fits=False),
           dict(config="a", remat="dots", topology="v5p:4x4x4", fits=False, error="mesh")]
-  assert plan_lib.smallest_fitting(rows) == {("a", "full"): "v5p:2x2x2", ("a", "dots"): None}
+  assert report_lib.smallest_fitting(rows) == {("a", "full"): "v5p:2x2x2", ("a", "dots"): None}
 
 
 def test_sweep_sizes_are_sibling_experiments_with_the_same_overrides():
   argv = ["plan", "--sweep", f"--config={ROOT}/experiments/mm15_1b.py:sft", "--config.train.batch_size=64",
           "--sizes=3b,1b_moe", "--topologies=v5p:2x2x1"]
-  loaded = plan_lib._sweep_configs(parse(argv))
+  loaded = plan_main._sweep_configs(parse(argv))
   experiments = os.path.join(ROOT, "experiments")
   assert [spec for spec, _ in loaded] == [f"{experiments}/mm15_3b.py:sft", f"{experiments}/mm15_1b_moe.py:sft"]
   assert [c.train.batch_size for _, c in loaded] == [64, 64]
@@ -192,31 +195,31 @@ def test_sweep_sizes_are_sibling_experiments_with_the_same_overrides():
 @pytest.mark.parametrize("topology", ["v9:2x2", "v5p", "v5p:4x4x8x2", "h100:8"])
 def test_unknown_topology_is_a_clear_error(topology):
   with pytest.raises(ValueError, match=r"--topology=.*GENERATION.*v5p:4x4x8"):
-    plan_lib.tpu_chip(topology)
+    chips_lib.tpu_chip(topology)
 
 
 @needs_libtpu
 def test_topology_libtpu_cannot_build_is_a_clear_error():
   with pytest.raises(ValueError, match=r"--topology='v5p:3x3x3': libtpu could not build it .*whole hosts"):
-    plan_lib.tpu_devices("v5p:3x3x3")
+    chips_lib.tpu_devices("v5p:3x3x3")
 
 
 @needs_libtpu
 def test_config_that_does_not_fit_the_chips_fails_before_compiling():
-  devices = plan_lib.tpu_devices("v5p:2x2x1")
-  chip = plan_lib.tpu_chip("v5p:2x2x1")
+  devices = chips_lib.tpu_devices("v5p:2x2x1")
+  chip = chips_lib.tpu_chip("v5p:2x2x1")
   with pytest.raises(ValueError, match=r"train.batch_size / train.grad_accum = 6 .* 4 batch shards"):
-    plan_lib.plan(tiny(batch_size=6), devices, chip, "v5p:2x2x1")
+    estimate.plan(tiny(batch_size=6), devices, chip, "v5p:2x2x1")
   c = tiny()
   c.mesh = dict(data=-1, fsdp=1, tensor=3, expert=1)
   with pytest.raises(ValueError, match=r"v5p:2x2x1 \(4 chips\): config.mesh"):
-    plan_lib.plan(c, devices, chip, "v5p:2x2x1")
+    estimate.plan(c, devices, chip, "v5p:2x2x1")
 
 
 def test_gpu_plan_on_simulated_devices():
   assert len(jax.devices()) == 8  # conftest
-  chip = plan_lib.Chip("GPU (simulated)", 80 * GiB, 989e12, simulated=True)
-  r = plan_lib.plan(tiny(), plan_lib.simulated_devices(8), chip, "8 GPUs", name="tiny")
+  chip = chips_lib.Chip("GPU (simulated)", 80 * GiB, 989e12, simulated=True)
+  r = estimate.plan(tiny(), chips_lib.simulated_devices(8), chip, "8 GPUs", name="tiny")
   assert r["chips"] == 8 and r["mesh"]["data"] == 8 and r["fits"] is True
   assert 12 * r["params"] <= r["bytes_per_chip"] <= 80 * GiB
   assert any("approximation" in n for n in r["notes"])
@@ -225,7 +228,7 @@ def test_gpu_plan_on_simulated_devices():
   assert r["estimated_step_s"] == pytest.approx(r["flops_per_step"] / 8 / 989e12)
   assert r["flops_per_step"] == pytest.approx(r["model_flops_per_step"], rel=FLOPS_TOLERANCE)
   with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16"):
-    plan_lib.simulated_devices(16)
+    chips_lib.simulated_devices(16)
 
 
 def test_gpu_cli_reruns_itself_with_enough_devices():
@@ -247,10 +250,10 @@ def test_two_slice_plan_crosses_slices_only_on_the_data_axis(capsys):
   f = parse([
       "plan", f"--config={TINY}", "--topology=v5p:2x2x1", "--json", "--noprobe", "--config.train.batch_size=8",
       "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh_dcn.data=2"])
-  (r,) = plan_lib.execute(f)
+  (r,) = plan_main.execute(f)
   assert r["chips"] == 8 and r["topology"] == "2x v5p:2x2x1"
   assert r["mesh"]["data"] == 2 and r["mesh"]["fsdp"] == 4 and r["fits"] is True
-  devices = plan_lib.tpu_devices("v5p:2x2x1", 2)
+  devices = chips_lib.tpu_devices("v5p:2x2x1", 2)
   assert sorted({d.slice_index for d in devices}) == [0, 1]
   config = tiny()
   config.mesh, config.mesh_dcn = dict(data=1, fsdp=4, tensor=1, expert=1), dict(data=2, fsdp=1, tensor=1, expert=1)

@@ -1,4 +1,4 @@
-"""Parquet shards of the public corpora as a random-access source of serialised records.
+"""kind="parquet": Parquet shards of the public corpora as a random-access source of serialised records.
 
   ParquetSource("/data/obelics/*.parquet")                        # texts + images columns
   ParquetSource("/data/llava-{0000..0009}.parquet", image_root="/data/coco",
@@ -25,6 +25,9 @@ import threading
 import numpy as np
 
 from data_pipelines import corpus_formats, records, storage
+from data_pipelines.sources import specs
+
+KEYS = ("paths", "eval_paths", "image_root", "layout", "allow_absolute_paths", "fields")
 
 LAYOUTS = ("interleaved", "conversations")
 # The columns each record field is read from; None or "" marks a column the data lacks.
@@ -222,3 +225,10 @@ class ParquetSource:
   def __repr__(self) -> str:
     return (f"ParquetSource({len(self.paths)} shards, {len(self)} rows, layout={self.layout!r}, "
             f"columns={self.columns}, first={self.paths[0]!r})")
+
+
+def build(name: str, spec, config, split: str) -> ParquetSource:
+  return ParquetSource(specs.split_paths(name, spec, "parquet", split), image_root=specs.field(spec, "image_root"),
+                       layout=specs.field(spec, "layout"),
+                       allow_absolute_paths=specs.field(spec, "allow_absolute_paths", False),
+                       fields=specs.field_map(spec))

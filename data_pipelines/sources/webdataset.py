@@ -1,4 +1,4 @@
-"""WebDataset tar shards as a random-access source of serialised records.
+"""kind="webdataset": WebDataset tar shards as a random-access source of serialised records.
 
   WebDatasetSource("/data/llava-{000000..000099}.tar")   # or a glob, or a list
 
@@ -20,6 +20,9 @@ import tarfile
 import numpy as np
 
 from data_pipelines import corpus_formats, records, storage
+from data_pipelines.sources import specs
+
+KEYS = ("paths", "eval_paths", "fields")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 FIELDS = dict(conversations="conversations", caption="caption")  # keys of the .json member
@@ -147,3 +150,7 @@ class WebDatasetSource:
 
   def __repr__(self) -> str:
     return f"WebDatasetSource({len(self.paths)} shards, {len(self)} samples, first={self.paths[0]!r})"
+
+
+def build(name: str, spec, config, split: str) -> WebDatasetSource:
+  return WebDatasetSource(specs.split_paths(name, spec, "webdataset", split), fields=specs.field_map(spec))

@@ -1,0 +1,3 @@
+from mm15_jax.plan.main import run
+
+run()
