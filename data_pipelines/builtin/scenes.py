@@ -29,10 +29,10 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 MIN_SIDE, MAX_SIDE = 24, 96
 # Below 6 px a circle is indistinguishable from a square.
 MIN_OBJECT = 6
-# Object sides as fractions of the image's short side. A quarter: an object then covers at least
-# one ViT patch of the tile that shows it (a 32-px tile of 8-px patches holds a 4:1 image's short
-# side in 8 px or more once split): a from-scratch encoder learns where an object is once it
-# spans a patch, and not in CPU minutes when it is smaller (benchmarks/RESULTS.md).
+# Object sides as fractions of the image's short side. A quarter: in the overview tile of a
+# square image (32 px of 8-px patches) an object spans at least a patch, and split tiles
+# enlarge it. A from-scratch encoder learns where an object is once it spans a patch, and not
+# in CPU minutes when it is smaller (benchmarks/RESULTS.md, "Boxes").
 MIN_FRAC, MAX_FRAC = 0.25, 0.5
 
 
