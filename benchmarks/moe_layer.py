@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm15_jax import modes
 from mm15_jax.models.moe import MoE
 from mm15_jax.train import flops as flops_lib
 
@@ -65,7 +66,7 @@ def main():
   seconds = timed(grad_dense, dense, x[0], steps=args.steps)
   results["dense"] = dict(step_s=seconds, tokens_per_s=t / seconds, tflops=6 * active * t / seconds / 1e12)
 
-  for impl in ("ragged", "capacity"):
+  for impl in modes.values(modes.MoeImpl):
     settings = dict(num_experts=e, top_k=k, interval=1, expert_mlp_dim=f, impl=impl, capacity_factor=1.25)
     layer = MoE(d, settings, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer, nnx.Param)
@@ -81,7 +82,7 @@ def main():
   on_cpu = jax.default_backend() == "cpu"
   peak = flops_lib.measured_matmul_flops(2048 if on_cpu else 8192, dtype, repeats=3 if on_cpu else 20)
   results["matmul_peak_tflops"] = peak / 1e12
-  for name in ("dense", "ragged", "capacity"):
+  for name in ("dense",) + modes.values(modes.MoeImpl):
     results[name]["mfu_vs_measured_matmul"] = results[name]["tflops"] * 1e12 / peak
     results[name]["speed_vs_dense"] = results["dense"]["step_s"] / results[name]["step_s"]
   print(json.dumps(results))

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mm15_jax import configs, plan
+from mm15_jax import configs, modes
 from mm15_jax import sharding as shd
+from mm15_jax.plan import estimate as plan_estimate
 from mm15_jax.train import flops as flops_lib
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
@@ -81,7 +82,7 @@ def xla_step_flops(config, host_batch: dict, devices=None) -> float:
 
   XLA's cost analysis counts a loop body once, not once per iteration, so the count is taken
   from a second compile with the layer scans unrolled (same math), plus the LM-head chunks of
-  the fused loss that its loop leaves out (`plan.head_chunks_left_out`). Custom calls (cuDNN or
+  the fused loss that its loop leaves out (`plan.estimate.head_chunks_left_out`). Custom calls (cuDNN or
   splash attention) count zero. The count is per device; times the device count it is global
   (exact on one device).
   """
@@ -92,7 +93,8 @@ def xla_step_flops(config, host_batch: dict, devices=None) -> float:
            for k, v in host_batch.items()}
   compiled = step_lib.jit_train_step(setup).lower(setup.abstract_state, batch).compile()
   # The fused loss's chunk loop is counted once too: its other chunks by formula, as the planner does.
-  return (float(compiled.cost_analysis()["flops"]) + plan.head_chunks_left_out(c, setup.mesh.size)) * setup.mesh.size
+  left_out = plan_estimate.head_chunks_left_out(c, setup.mesh.size)
+  return (float(compiled.cost_analysis()["flops"]) + left_out) * setup.mesh.size
 
 
 def synthetic_batch(config, rng):
@@ -110,8 +112,8 @@ def synthetic_batch(config, rng):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", default="maxtext_cpu", choices=sorted(PRESETS))
-  parser.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
-  parser.add_argument("--remat", default=None, choices=[None, "none", "full", "dots"])
+  parser.add_argument("--attention", default="xla", choices=modes.values(modes.AttentionImpl))
+  parser.add_argument("--remat", default=None, choices=(None,) + modes.values(modes.Remat))
   parser.add_argument("--scan_unroll", type=int, default=1)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=0)

@@ -41,10 +41,6 @@ DEFAULT_BINS = 8
 COUNT_FIELDS = ("num_skipped", "num_overlong", "num_dropped")
 
 
-def _get(d, key, default):
-  return d.get(key, default) if hasattr(d, "get") else getattr(d, key, default)
-
-
 class _CheckFits:
   """An example longer than a row is a builder/config mismatch: say which field to change."""
 
@@ -171,7 +167,7 @@ def pack(ds: grain.IterDataset, *, seq_len: int, max_tiles: int, image_size: int
 
 
 def pack_examples(ds: grain.IterDataset, config) -> grain.IterDataset:
-  """`pack` with the config's sizes; bins from data.pack_bins (default DEFAULT_BINS), seed from config.seed."""
+  """`pack` with the config's sizes; bins from data.pack_bins, seed from config.seed."""
   return pack(ds, seq_len=config.data.seq_len, max_tiles=config.data.max_tiles,
               image_size=config.model.vit.image_size, tokens_per_tile=config.model.connector.tokens_per_tile,
-              num_bins=_get(config.data, "pack_bins", DEFAULT_BINS), seed=config.seed)
+              num_bins=config.data.pack_bins, seed=config.seed)

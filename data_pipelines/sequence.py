@@ -58,15 +58,10 @@ import numpy as np
 
 from data_pipelines import anyres as anyres_lib
 from data_pipelines import coordinates, records
+from mm15_jax.modes import Indicators, Overlong, parse
 
 USER = "User:"
 ASSISTANT = "Assistant:"
-INDICATORS = ("index", "seps", "none")
-OVERLONG = ("drop", "truncate")
-
-
-def _get(d, key, default):
-  return d.get(key, default) if hasattr(d, "get") else getattr(d, key, default)
 
 
 def index_text(k: int, layout, t: int) -> str:
@@ -119,11 +114,8 @@ class ExampleBuilder:
   """Callable for grain `map`: record (records.py schema, images decoded) -> Example | None."""
 
   def __init__(self, tokenizer, *, seq_len: int, tile: int, tokens_per_tile: int, anyres=None,
-               indicators: str = "none", overlong: str = "drop", max_tiles: int | None = None):
-    if indicators not in INDICATORS:
-      raise ValueError(f"data.anyres.indicators={indicators!r}; choose one of {INDICATORS}")
-    if overlong not in OVERLONG:
-      raise ValueError(f"data.overlong={overlong!r}; choose one of {OVERLONG}")
+               indicators: str = Indicators.NONE, overlong: str = Overlong.DROP, max_tiles: int | None = None):
+    indicators, overlong = parse(Indicators, indicators), parse(Overlong, overlong)
     self.tokenizer = tokenizer
     self.seq_len, self.tile, self.k = seq_len, tile, tokens_per_tile
     self.anyres = anyres if anyres is not None else dict(enabled=False)
@@ -134,11 +126,10 @@ class ExampleBuilder:
 
   @classmethod
   def from_config(cls, config, tokenizer) -> "ExampleBuilder":
-    anyres = _get(config.data, "anyres", None) or dict(enabled=False)
+    anyres = config.data.anyres
     return cls(tokenizer, seq_len=config.data.seq_len, tile=config.model.vit.image_size,
                tokens_per_tile=config.model.connector.tokens_per_tile, anyres=anyres,
-               indicators=_get(anyres, "indicators", "none"), overlong=_get(config.data, "overlong", "drop"),
-               max_tiles=config.data.max_tiles)
+               indicators=anyres.indicators, overlong=config.data.overlong, max_tiles=config.data.max_tiles)
 
   def skipped(self, kind_id: int = -1, reason: int = MALFORMED) -> dict:
     """The placeholder Example of a dropped record (packing counts and drops it)."""
@@ -149,13 +140,13 @@ class ExampleBuilder:
     ids, slots = [], []
     rows, cols = layout.grid
     for t in range(layout.num_tiles):
-      if self.indicators == "index":
+      if self.indicators == Indicators.INDEX:
         ids += self.tokenizer.encode_span(index_text(k, layout, t))
-      elif self.indicators == "seps" and layout.split and t == rows * cols:
+      elif self.indicators == Indicators.SEPS and layout.split and t == rows * cols:
         ids += self._seps[":"]
       slots += range(len(ids), len(ids) + self.k)
       ids += [self.tokenizer.image_id] * self.k
-      if self.indicators == "seps" and layout.split and t < rows * cols:
+      if self.indicators == Indicators.SEPS and layout.split and t < rows * cols:
         ids += self._seps["," if t % cols < cols - 1 else "\n"]
     return ids, slots
 
@@ -257,7 +248,7 @@ class ExampleBuilder:
     if cut < len(ids) or kept < len(blocks):
       all_tiles = sum(layout.num_tiles for layout in layouts)
       reason = TOO_MANY_TILES if all_tiles > self.max_tiles else TOO_MANY_TOKENS
-      if self.overlong == "drop":
+      if self.overlong == Overlong.DROP:
         return self.skipped(kind_id, reason)
       ids, loss = ids[:cut], loss[:cut]
       if not any(loss):

@@ -171,7 +171,7 @@ def load_tokenizer_file(path: str):
 def check_vocab(config, tokenizer: Tokenizer) -> None:
   """The model's embedding rows must cover the tokenizer's ids (exactly, for the built-in one)."""
   want = config.model.llm.vocab_size
-  external = bool(config.data.get("tokenizer", ""))
+  external = bool(config.data.tokenizer)
   if want < tokenizer.vocab_size or (want != tokenizer.vocab_size and not external):
     raise ValueError(f"config.model.llm.vocab_size={want} but the tokenizer has {tokenizer.vocab_size} pieces; "
                      f"set --config.model.llm.vocab_size={tokenizer.vocab_size} or load a tokenizer of that size")
@@ -180,7 +180,7 @@ def check_vocab(config, tokenizer: Tokenizer) -> None:
 def tokenizer_for_config(config, cache_dir: str | None = None, *, required: bool = True) -> Tokenizer | None:
   """config.data.tokenizer: '' the built-in one (cached), a tokenizer file (SentencePiece .model or
   tokenizer.json: load_tokenizer_file), or 'none' (token ids only: None, unless `required`, as training is)."""
-  source = config.data.get("tokenizer", "")
+  source = config.data.tokenizer
   if source == "none":
     if required:
       raise ValueError("config.data.tokenizer='none' gives token ids only; training and generation need a "

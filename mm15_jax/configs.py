@@ -73,7 +73,8 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
   llm.setdefault("head_dim", llm["d_model"] // llm["n_heads"])
   llm.update(vocab_size=vocab_size, rope_theta=500_000.0, tie_embeddings=False, norm_eps=1e-5,
              qkv_bias=False,  # biases on the q/k/v projections (Qwen2-style decoders)
-             # kind "none" | "linear" (factor) | "llama3" (factor, low/high_freq_factor, original_max_position)
+             # kind (modes.RopeScaling): "none" | "linear" (factor) | "llama3" (factor, low/high_freq_factor,
+             # original_max_position)
              rope_scaling=dict(kind="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                original_max_position=8192))
   vit_cfg = dict(VIT_SIZES[vit], image_size=image_size, norm_eps=1e-5, **VIT_LAYOUT["clip"])
@@ -81,7 +82,7 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
       llm=llm,
       vit=vit_cfg,
       connector=dict(
-          kind="c_abstractor",  # "c_abstractor" | "mlp"
+          kind="c_abstractor",  # modes.ConnectorKind: "c_abstractor" | "mlp"
           tokens_per_tile=tokens_per_tile(image_size, vit_cfg["patch_size"]),  # a square: pooled to sqrt x sqrt
           depth=3,  # ResNet bottleneck blocks before and after pooling
           hidden_dim=vit_cfg["width"],
@@ -90,14 +91,14 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
       # `interval`-th decoder layer is MoE; the Switch balancing and router z losses are
       # added to the training loss with these weights (docs/recipe.md, "Mixture of experts"), each averaged over the
       # MoE layers (not summed), so a weight means the same at any depth. expert_mlp_dim=0:
-      # the dense mlp_dim, which init.upcycle_from needs.
+      # the dense mlp_dim, which init.upcycle_from needs. impl: modes.MoeImpl.
       moe=dict(num_experts=0, top_k=2, interval=2, expert_mlp_dim=0, impl="ragged", capacity_factor=1.25,
                lb_loss_weight=0.01, z_loss_weight=0.001),
       dtype="bfloat16",  # compute dtype
       param_dtype="float32",  # master weights
-      remat="full",  # "none" | "full" | "dots" (save matmul outputs)
+      remat="full",  # modes.Remat: "none" | "full" | "dots" (save matmul outputs)
       scan_unroll=1,  # layers per scan iteration; >1 helps CPUs, costs compile time
-      attention_impl="xla",  # "xla" | "cudnn" | "splash"
+      attention_impl="xla",  # modes.AttentionImpl: "xla" | "cudnn" | "splash"
   ))
 
 
@@ -210,7 +211,10 @@ def mm15(size: str = "3b", stage: str = "pretrain") -> ml_collections.ConfigDict
 
 
 def base() -> ml_collections.ConfigDict:
-  """Every field an experiment can set, with CPU-friendly defaults."""
+  """Every field an experiment can set, with CPU-friendly defaults: the one place a default is
+  written. The code reads fields directly (a missing one is an error); a run's config.json from an
+  earlier version is completed from here when loaded (run_record.fill_missing_fields). Fields that
+  name a mode hold plain strings; mm15_jax/modes.py has each one's enum (its allowed values)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stage = "pretrain"
@@ -233,9 +237,9 @@ def base() -> ml_collections.ConfigDict:
       seq_len=256,
       max_tiles=16,  # image tiles per packed row (overview + sub-images of all its images)
       # AnyRes: n_min..n_max sub-images + overview per image when a sample has <= split_max_images
-      # images; indicators "index" | "seps" | "none" name the tiles in the text.
+      # images; indicators (modes.Indicators) "index" | "seps" | "none" name the tiles in the text.
       anyres=dict(enabled=True, n_min=1, n_max=4, split_max_images=2, indicators="index"),
-      overlong="drop",  # "drop" | "truncate" (never inside an image)
+      overlong="drop",  # modes.Overlong: "drop" | "truncate" (never inside an image)
       pack_bins=8,  # rows filled at once by the packer
       num_examples=100_000,  # records per built-in source
       eval_examples=512,
@@ -264,8 +268,8 @@ def base() -> ml_collections.ConfigDict:
       # [batch, length, vocab] float32 logits never exist, and on CPU the step is ~1.4x faster
       # (benchmarks/RESULTS.md). 0: whole logits, differentiated by XLA.
       loss_chunk=512,
-      trainable="all",  # "all" | comma list of vit,connector,llm
-      nan_policy="stop",  # "stop" | "skip"
+      trainable="all",  # "all" | comma list of modes.Component: vit,connector,llm
+      nan_policy="stop",  # modes.NanPolicy: "stop" | "skip"
       peak_tflops_per_device=0.0,  # 0 = measure/guess from the device kind
   )
   # sigterm_grace_s: after a SIGTERM the run saves at its next step boundary; if none comes
@@ -283,7 +287,7 @@ def base() -> ml_collections.ConfigDict:
   # held-out questions per built-in task by generation (accuracy per task, a grounding PNG).
   # best_metric (e.g. "loss", "qa/loss", or with generation "task_accuracy", "task/ground";
   # "" = off) keeps the best in-training eval's checkpoint under WORKDIR/best, lower is better
-  # unless best_mode="max".
+  # unless best_mode="max" (modes.BestMode).
   c.eval = dict(every=0, batches=4, generate_per_task=0, best_metric="", best_mode="min")
   # Trace step indices [start, end) (0-based: the step logged as N is index N-1) with jax.profiler
   # into WORKDIR/profile (TensorBoard/XProf);
@@ -291,7 +295,7 @@ def base() -> ml_collections.ConfigDict:
   c.profile = dict(steps=(), all_processes=False)
   c.log_every = 10
   # Trackers (mm15_jax/train/trackers.py): TensorBoard in WORKDIR/tensorboard; Weights & Biases
-  # when wandb.project is set (the `wandb` extra), mode "online" or "offline".
+  # when wandb.project is set (the `wandb` extra), mode "online" or "offline" (modes.WandbMode).
   c.log = dict(tensorboard=True, wandb=dict(project="", entity="", name="", mode="online", dir=""))
   return c
 

@@ -38,7 +38,7 @@ def apply_hardware_rules(config, device_kind: str, topology: str = "", *, keep=(
   if errors:
     raise ValueError("invalid config.hardware_rules:\n  " + "\n  ".join(errors))
   config = copy.deepcopy(config)  # keeps field references: fields tied to an overridden one follow it
-  rules = config.get("hardware_rules", ())
+  rules = config.hardware_rules
   match = matching_rule(rules, device_kind, topology)
   if match is None:
     if report and rules:
@@ -66,7 +66,7 @@ def apply_hardware_rules(config, device_kind: str, topology: str = "", *, keep=(
 def rule_errors(config) -> list[str]:
   """What is wrong with `config.hardware_rules`, each naming the rule, the field and a fix."""
   errors = []
-  for i, rule in enumerate(config.get("hardware_rules", ())):
+  for i, rule in enumerate(config.hardware_rules):
     where = f"config.hardware_rules[{i}]"
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
             and isinstance(rule[1], Mapping)):

@@ -9,6 +9,7 @@ Written by process 0 only, each file whole or not at all (a temporary file renam
 etils.epath so a `gs://` workdir works as a local one.
 """
 
+import copy
 import importlib.metadata
 import json
 import os
@@ -21,6 +22,7 @@ import ml_collections
 from etils import epath
 
 from data_pipelines import storage
+from mm15_jax import configs
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "ml-collections", "numpy")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +41,30 @@ def config_to_json(config) -> str:
   return json.dumps(config.to_dict(), indent=1, sort_keys=True)
 
 
+# Sections whose keys are names the experiment chose (data sources), not fields of configs.base().
+NAMED_ENTRIES = ("data.sources",)
+
+
+def fill_missing_fields(config: ml_collections.ConfigDict, defaults=None, where: str = ""):
+  """`config` (changed in place and returned) with every field of configs.base() it lacks, at
+  base()'s value. A config.json written by an earlier version (before checkpoint.sigterm_grace_s or
+  log.*, say) then has every field the code reads, which reads them directly: this is the one place
+  an older saved config is completed, and base() the one place a default is written. Filled with
+  the values the earlier version applied when the field was absent, so such a run behaves as it did."""
+  defaults = configs.base() if defaults is None else defaults
+  for key, default in defaults.items():
+    field = f"{where}{key}"
+    if key not in config:
+      config[key] = copy.deepcopy(default)
+    elif (isinstance(default, ml_collections.ConfigDict) and isinstance(config[key], ml_collections.ConfigDict)
+          and field not in NAMED_ENTRIES):
+      fill_missing_fields(config[key], default, field + ".")
+  return config
+
+
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(_tuples(json.loads(text)))
+  """A saved config.json as a ConfigDict, completed by `fill_missing_fields`."""
+  return fill_missing_fields(ml_collections.ConfigDict(_tuples(json.loads(text))))
 
 
 def config_path(workdir: str) -> epath.Path:

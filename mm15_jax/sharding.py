@@ -170,7 +170,7 @@ def make_mesh(mesh_config, devices=None, *, dcn=None) -> Mesh:
 
 def mesh_for_config(config, devices=None) -> Mesh:
   """The mesh of `config.mesh` and `config.mesh_dcn` over `devices` (default: all)."""
-  return make_mesh(config.mesh, devices, dcn=config.get("mesh_dcn"))
+  return make_mesh(config.mesh, devices, dcn=config.mesh_dcn)
 
 
 def logical_to_mesh(logical: tuple, rules, mesh: Mesh | None = None) -> P:
@@ -215,10 +215,16 @@ def check_divisible(shape, spec: P, mesh: Mesh, what: str, fix: str = "") -> Non
 
 
 @contextlib.contextmanager
-def use_rules(mesh: Mesh, rules):
-  """Activates logical-axis rules for `constrain` inside model code."""
+def use_rules(mesh: Mesh, rules, *, lenient: bool = False):
+  """Activates logical-axis rules for `constrain` (and MoE's expert parallelism) inside model code.
+
+  Strict by default (training, its evaluation): an activation whose dimension does not divide
+  over its mesh axes is an error, since silently dropping its constraint would change the
+  sharding plan. `lenient=True` (inference: a batch of one, a prompt of any length) leaves such
+  an activation unconstrained for the compiler to place, and lets MoE layers run unsharded.
+  """
   previous = getattr(_context, "value", None)
-  _context.value = (mesh, tuple(rules))
+  _context.value = (mesh, tuple(rules), bool(lenient))
   try:
     yield
   finally:
@@ -236,13 +242,41 @@ def active_rules() -> tuple:
   return () if active is None else active[1]
 
 
+def lenient() -> bool:
+  """Whether the active `use_rules` context lets indivisible activations go unsharded (inference)."""
+  active = getattr(_context, "value", None)
+  return active is not None and active[2]
+
+
+def indivisible(shape, logical: tuple, spec: P, mesh: Mesh) -> str | None:
+  """None if every dimension of `shape` divides over its mesh axes in `spec`, else why not: the
+  array's logical axes, the dimension, its size, and the mesh axes with their size."""
+  for i, entry in enumerate(spec):
+    n = axis_size(entry, mesh)
+    if shape[i] % n:
+      axes = (entry,) if isinstance(entry, str) else tuple(entry)
+      sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+      return (f"an activation with logical axes {tuple(logical)} and shape {tuple(shape)}: dimension {i} "
+              f"({logical[i]!r}) of size {shape[i]} does not divide over mesh axes {axes} ({sizes}; {n} shards)")
+  return None
+
+
 def constrain(x: jax.Array, logical: tuple) -> jax.Array:
-  """Sharding constraint on an activation by logical names; a no-op without active rules."""
+  """Sharding constraint on an activation by logical names; a no-op without active rules.
+
+  A dimension that does not divide over its mesh axes raises a ValueError, unless the rules
+  are `lenient` (inference), where the activation is left to the compiler.
+  """
   active = getattr(_context, "value", None)
   if active is None:
     return x
-  mesh, rules = active
+  mesh, rules, is_lenient = active
   spec = logical_to_mesh(logical, rules, mesh)
-  if any(x.shape[i] % axis_size(e, mesh) for i, e in enumerate(spec)):
-    return x  # e.g. a batch of one at inference: leave it to the compiler
+  problem = indivisible(x.shape, logical, spec, mesh)
+  if problem is not None:
+    if is_lenient:
+      return x  # e.g. a batch of one at inference: leave it to the compiler
+    raise ValueError(f"sharding: {problem}; its constraint cannot apply. Change config.train.batch_size, "
+                     f"config.mesh or config.sharding_rules so it divides (inference code enters "
+                     f"sharding.use_rules(..., lenient=True) to leave such arrays to the compiler)")
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

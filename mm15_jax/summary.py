@@ -11,9 +11,9 @@ import types
 from absl import flags
 from ml_collections import config_flags
 
-from mm15_jax import cli
+from mm15_jax import cli, modes
 
-COMPONENTS = ("vit", "connector", "llm")
+COMPONENTS = modes.values(modes.Component)
 
 
 def summarize(config, devices: int) -> dict:
@@ -30,7 +30,7 @@ def summarize(config, devices: int) -> dict:
   _, params, _ = nnx.split(abstract, nnx.Param, ...)
   logical = build.logical_axes(params)
   shapes = nnx.to_pure_dict(params)
-  mesh = types.SimpleNamespace(shape=shd.mesh_sizes(config.mesh, devices, dcn=config.get("mesh_dcn")))
+  mesh = types.SimpleNamespace(shape=shd.mesh_sizes(config.mesh, devices, dcn=config.mesh_dcn))
   param_bytes = np.dtype(config.model.param_dtype).itemsize
   out = {"mesh": mesh.shape}
   per_chip = 0.0

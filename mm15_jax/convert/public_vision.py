@@ -8,11 +8,13 @@ token (CLIP applies post_layernorm only to the pooled class token), SigLIP's `la
 (post_layernorm applied to every token; its attention-pooling head is not used).
 """
 
-from mm15_jax import configs
+from mm15_jax import configs, modes
 from mm15_jax.convert.tensor_map import Tensor
 
 LAYOUT_OF = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
-ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+# The public hidden_act -> our model.vit.act (plain strings: they are written into configs).
+ACTS = {"quick_gelu": modes.VitAct.QUICK_GELU.value, "gelu": modes.VitAct.GELU.value,
+        "gelu_pytorch_tanh": modes.VitAct.GELU_TANH.value}
 PREFIX = "vision_model."
 
 
@@ -37,7 +39,7 @@ def vit_config(hf: dict, preprocessor: dict | None = None) -> dict:
              heads=vision["num_attention_heads"], mlp_dim=vision["intermediate_size"], act=ACTS[act],
              image_size=vision["image_size"], norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
              **configs.VIT_LAYOUT[layout])
-  out["pos_resize"] = "bicubic"  # as the public towers interpolate their position embeddings
+  out["pos_resize"] = modes.PosResize.BICUBIC.value  # as the public towers interpolate their position embeddings
   if preprocessor and "image_mean" in preprocessor:
     out.update(image_mean=tuple(preprocessor["image_mean"]), image_std=tuple(preprocessor["image_std"]))
   return out
@@ -55,20 +57,20 @@ def tensors(vit, prefix: str = PREFIX) -> list[Tensor]:
       # torch conv weight [d, 3, p, p] -> [p, p, 3, d]
       Tensor(("patch_embedding",), emb + "patch_embedding.weight", lambda w: w.transpose(2, 3, 1, 0)),
   ]
-  if vit.get("class_token", True):
+  if vit["class_token"]:
     # One table [1 + g*g, d]: row 0 is the class token's position.
     out += [Tensor(("class_embedding",), emb + "class_embedding", same),
             Tensor(("class_pos_embedding",), emb + "position_embedding.weight", lambda w: w[0]),
             Tensor(("pos_embedding",), emb + "position_embedding.weight", lambda w: w[1:].reshape(g, g, d))]
   else:
     out.append(Tensor(("pos_embedding",), emb + "position_embedding.weight", lambda w: w.reshape(g, g, d)))
-  if vit.get("patch_bias", False):
+  if vit["patch_bias"]:
     out.append(Tensor(("patch_bias",), emb + "patch_embedding.bias", same))
-  if vit.get("pre_norm", True):
+  if vit["pre_norm"]:
     # (sic) CLIP's attribute is spelled "pre_layrnorm".
     out += [Tensor(("ln_pre", "scale"), prefix + "pre_layrnorm.weight", same),
             Tensor(("ln_pre", "bias"), prefix + "pre_layrnorm.bias", same)]
-  if vit.get("post_norm", False):
+  if vit["post_norm"]:
     out += [Tensor(("ln_post", "scale"), prefix + "post_layernorm.weight", same),
             Tensor(("ln_post", "bias"), prefix + "post_layernorm.bias", same)]
   per_layer = [

@@ -8,10 +8,12 @@ steps: STEPS_PER_CALL tokens per row, from slot/position `lengths` on, in one ca
   donated and updated in place.
 Both are compiled once per (batch, prompt bucket, max_len) and run under the mesh and the
 logical-axis rules, so activations and the cache shard like training (batch over the data
-axes, KV heads over tensor). The host loop stops a row at a stop token or string and the
-batch when every row has stopped or max_new_tokens is reached; the tokens a run computed past
-that are dropped. Step i draws with the key of step i however the steps are grouped into
-runs, so the answers do not depend on STEPS_PER_CALL.
+axes, KV heads over tensor); the rules are lenient (sharding.use_rules): an activation that does
+not divide over its mesh axes, e.g. a batch of one, is left to the compiler rather than refused.
+The host loop stops a row at a stop token or string and the batch when every row has stopped
+or max_new_tokens is reached; the tokens a run computed past that are dropped. Step i draws
+with the key of step i however the steps are grouped into runs, so the answers do not depend
+on STEPS_PER_CALL.
 
 Several processes (jax.distributed): every process runs the same host loop on the same global
 prompt batch; the tokens of each run are gathered so that every process reads all rows and
@@ -34,7 +36,7 @@ STEPS_PER_CALL = 8  # decoding steps per device call: fewer host round trips, at
 
 def jit_prefill(graphdef, rest, mesh, rules):
   def prefill(params, batch, seed, temperature, top_p, *, max_len):
-    with shd.use_rules(mesh, rules):
+    with shd.use_rules(mesh, rules, lenient=True):
       model = nnx.merge(graphdef, params, rest)
       logits, cache = model.prefill(*(batch[k] for k in PROMPT_INPUTS))
       pad = [(0, 0), (0, 0), (0, max_len - batch["tokens"].shape[1]), (0, 0), (0, 0)]
@@ -47,7 +49,7 @@ def jit_steps(graphdef, rest, mesh, rules, count: int = STEPS_PER_CALL):
   """`count` decoding steps from `tokens` (the last sampled) -> (tokens [count, batch], logits
   [count, batch, vocab] or None, cache, lengths); step j of the run is decoding step index + j."""
   def steps(params, cache, tokens, lengths, seed, index, temperature, top_p, *, with_logits):
-    with shd.use_rules(mesh, rules):
+    with shd.use_rules(mesh, rules, lenient=True):
       model = nnx.merge(graphdef, params, rest)
 
       def one(carry, j):
@@ -65,7 +67,7 @@ def jit_steps(graphdef, rest, mesh, rules, count: int = STEPS_PER_CALL):
 def jit_forward(graphdef, rest, mesh, rules):
   """The training forward (no cache): logits [batch, length, vocab]."""
   def forward(params, batch):
-    with shd.use_rules(mesh, rules):
+    with shd.use_rules(mesh, rules, lenient=True):
       model = nnx.merge(graphdef, params, rest)
       return model(*(batch[k] for k in ("tokens", "positions", "segment_ids", "images", "image_token_positions")))
   return jax.jit(forward)

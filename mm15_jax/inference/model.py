@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 import data_pipelines
 from data_pipelines import anyres
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import configs, distributed, run_record
+from mm15_jax import configs, distributed, modes, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.inference import decode as decode_lib
 from mm15_jax.inference import grounding
@@ -57,7 +57,7 @@ def _inference_config(config, checkpoint_dir=None):
     config = configs.load_experiment(config)
   config = config.copy_and_resolve_references()
   if config.model.moe.num_experts:
-    config.model.moe.impl = "ragged"  # dropless (module docstring)
+    config.model.moe.impl = modes.MoeImpl.RAGGED.value  # dropless (module docstring)
   return config
 
 

@@ -16,23 +16,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("xla", "cudnn", "splash")
-_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
+from mm15_jax import modes
+
+_PLATFORM = {modes.AttentionImpl.CUDNN: "gpu", modes.AttentionImpl.SPLASH: "tpu"}
 
 
-def check_impl(impl: str, platform: bool = True) -> None:
-  """Raises a clear error for an unknown backend or (if `platform`) one this platform cannot run."""
-  if impl not in IMPLS:
-    raise ValueError(f"config.model.attention_impl={impl!r}: expected one of {IMPLS}; "
-                     "'xla' runs everywhere, e.g. --config.model.attention_impl=xla")
+def check_impl(impl: str, platform: bool = True) -> modes.AttentionImpl:
+  """The backend `impl` names; a clear error for an unknown one or (if `platform`) one this
+  platform cannot run ('xla' runs everywhere)."""
+  impl = modes.parse(modes.AttentionImpl, impl)
   if not platform:
-    return
+    return impl
   need = _PLATFORM.get(impl)
   platform = jax.default_backend()
   if need is not None and platform != need:
-    raise ValueError(f"config.model.attention_impl={impl!r} needs a {need.upper()} but the backend is "
+    raise ValueError(f"config.model.attention_impl={impl.value!r} needs a {need.upper()} but the backend is "
                      f"{platform!r}; use --config.model.attention_impl=xla "
                      f"(or {'splash' if platform == 'tpu' else 'cudnn'} on {platform})")
+  return impl
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, impl="xla"):
@@ -47,10 +48,10 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, causal=True, impl="xla"
   if heads % kv_heads:
     raise ValueError(f"attention: {heads} query heads do not split into {kv_heads} KV heads; "
                      "set config.model.llm.n_heads to a multiple of n_kv_heads")
-  check_impl(impl)
-  if impl == "xla":
+  impl = check_impl(impl)
+  if impl == modes.AttentionImpl.XLA:
     out = _xla(q, k, v, q_segment_ids, kv_segment_ids, causal)
-  elif impl == "cudnn":
+  elif impl == modes.AttentionImpl.CUDNN:
     out = _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal)
   else:
     out = _splash(q, k, v, q_segment_ids, kv_segment_ids, causal)

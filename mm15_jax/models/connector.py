@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm15_jax import modes
 from mm15_jax.models.llm import dense_init, param
-from mm15_jax.models.vit import LayerNorm, resize_pos_embedding
+from mm15_jax.models.vit import LayerNorm, resize_pos_embedding, sincos_init
 from mm15_jax.sharding import constrain
-
-KINDS = ("c_abstractor", "mlp")
 
 
 def pooling_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -93,7 +92,8 @@ class CAbstractor(nnx.Module):
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     self.dtype, self.side = dtype, side
     block = lambda c_in, c_out: Bottleneck(c_in, c_out, eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.pos_embedding = param(rngs, jax.nn.initializers.normal(0.02), (vit_grid, vit_grid, vit_width),
+    # Sin-cos codes as the ViT's, small: they are added to the ViT's normalised features.
+    self.pos_embedding = param(rngs, sincos_init(0.1), (vit_grid, vit_grid, vit_width),
                                (None, None, "embed"), param_dtype)
     self.stage1 = nnx.List([block(vit_width if i == 0 else hidden_dim, hidden_dim) for i in range(depth)])
     self.stage2 = nnx.List([block(hidden_dim, hidden_dim) for _ in range(depth)])
@@ -152,9 +152,8 @@ def make_connector(model_config, rngs: nnx.Rngs):
   c = model_config.connector
   vit, llm = model_config.vit, model_config.llm
   common = dict(dtype=model_config.dtype, param_dtype=model_config.param_dtype, rngs=rngs)
-  if c.kind == "c_abstractor":
+  kind = modes.parse(modes.ConnectorKind, c.kind)
+  if kind == modes.ConnectorKind.C_ABSTRACTOR:
     return CAbstractor(vit.width, vit.image_size // vit.patch_size, llm.d_model, c.tokens_per_tile, c.depth,
                        c.hidden_dim, **common)
-  if c.kind == "mlp":
-    return MLPConnector(vit.width, llm.d_model, c.tokens_per_tile, **common)
-  raise ValueError(f"config.model.connector.kind={c.kind!r}: expected one of {KINDS}")
+  return MLPConnector(vit.width, llm.d_model, c.tokens_per_tile, **common)

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm15_jax import modes
 from mm15_jax.models.attention import attention, check_impl, decode_attention
 from mm15_jax.models.moe import MoE, check_moe, moe_settings, upcycle_dense_mlp
 from mm15_jax.sharding import constrain
 
-REMAT = ("none", "full", "dots")
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
@@ -51,12 +51,12 @@ def stack_layers(make_block, n_layers: int, rngs: nnx.Rngs):
 
 
 def remat_policy(remat: str):
-  if remat not in REMAT:
-    raise ValueError(f"config.model.remat={remat!r}: expected one of {REMAT}")
+  """The jax.checkpoint policy of config.model.remat (None for "none"); an unknown value is refused."""
   return {
-      "full": jax.checkpoint_policies.nothing_saveable,
-      "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-  }.get(remat)
+      modes.Remat.NONE: None,
+      modes.Remat.FULL: jax.checkpoint_policies.nothing_saveable,
+      modes.Remat.DOTS: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  }[modes.parse(modes.Remat, remat)]
 
 
 def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1, has_aux: bool = False):
@@ -74,7 +74,7 @@ def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1, has_aux:
     out = nnx.merge(graphdef, layer_state)(x, *args)
     return out if has_aux else (out, None)
 
-  if remat != "none":
+  if modes.parse(modes.Remat, remat) != modes.Remat.NONE:
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
   x, aux = jax.lax.scan(body, x, state, unroll=unroll)
   return (x, aux) if has_aux else x
@@ -105,9 +105,6 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-ROPE_SCALINGS = ("none", "linear", "llama3")
-
-
 def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
   """Inverse frequencies [head_dim / 2] in float64: theta^(-2i/head_dim), then the context-extension
   rule of `scaling` (config.model.llm.rope_scaling): "linear" divides them all by `factor`
@@ -115,20 +112,20 @@ def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
   Llama 3.1 was trained. Computed on the host: they are constants of the model."""
   half = head_dim // 2
   inv_freq = float(theta) ** (-np.arange(half, dtype=np.float64) / half)
-  kind = (scaling or {}).get("kind", "none")
-  if kind == "none":
+  kind = modes.RopeScaling.NONE if scaling is None else modes.parse(modes.RopeScaling, scaling["kind"])
+  if kind == modes.RopeScaling.NONE:
     return inv_freq
   factor = float(scaling["factor"])
-  if kind == "linear":
+  if kind == modes.RopeScaling.LINEAR:
     return inv_freq / factor
-  if kind == "llama3":
+  if kind == modes.RopeScaling.LLAMA3:
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     context = float(scaling["original_max_position"])
     wavelen = 2 * np.pi / inv_freq
     smooth = (context / wavelen - low) / (high - low)
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     return np.where(wavelen > context / low, inv_freq / factor, np.where(wavelen < context / high, inv_freq, blended))
-  raise ValueError(f"config.model.llm.rope_scaling.kind={kind!r}: expected one of {ROPE_SCALINGS}")
+  raise AssertionError(kind)  # every RopeScaling is handled above
 
 
 def rope(x, positions, theta: float, scaling=None):
@@ -150,16 +147,17 @@ class DecoderBlock(nnx.Module):
   def __init__(self, cfg, *, dtype, param_dtype, attention_impl, moe=None, rngs):
     d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     self.dtype, self.theta, self.attention_impl = dtype, cfg.rope_theta, attention_impl
-    scaling = cfg.get("rope_scaling") or {}
-    # A tuple: a static attribute of the module, not a pytree of the graph.
-    self.rope_scaling = tuple(sorted(dict(scaling).items())) if scaling.get("kind", "none") != "none" else None
+    scaling = dict(cfg.rope_scaling)
+    kind = modes.parse(modes.RopeScaling, scaling["kind"])
+    # A tuple of plain values: a static attribute of the module, not a pytree of the graph.
+    self.rope_scaling = tuple(sorted(scaling.items())) if kind != modes.RopeScaling.NONE else None
     p = lambda init, shape, names: param(rngs, init, shape, names, param_dtype)
     self.attn_norm = RMSNorm(d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.q = p(dense_init(0), (d, h, hd), ("embed", "heads", "head_dim"))
     self.k = p(dense_init(0), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.v = p(dense_init(0), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.o = p(dense_init((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"))
-    if cfg.get("qkv_bias", False):  # Qwen2-style decoders
+    if cfg.qkv_bias:  # Qwen2-style decoders
       zeros = jax.nn.initializers.zeros
       self.q_bias = p(zeros, (h, hd), ("heads", "head_dim"))
       self.k_bias = p(zeros, (kv, hd), ("kv_heads", "head_dim"))

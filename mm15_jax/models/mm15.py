@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 from flax import nnx
 
+from mm15_jax import modes
 from mm15_jax.models.connector import make_connector
 from mm15_jax.models.llm import Decoder
 from mm15_jax.models.vit import VisionTransformer
@@ -25,9 +26,9 @@ def position_grids(config) -> dict:
   """{param path: interpolation} of the learned position grids sized by `vit.image_size`: what a
   new stage at another image size resizes when it starts from a previous stage's params, with
   the interpolation the model itself applies at call time to other grids."""
-  grids = {"vit/pos_embedding": config.vit.get("pos_resize", "bilinear")}
-  if config.connector.kind == "c_abstractor":
-    grids["connector/pos_embedding"] = "bilinear"  # CAbstractor resizes its table bilinearly
+  grids = {"vit/pos_embedding": modes.parse(modes.PosResize, config.vit.pos_resize).value}
+  if modes.parse(modes.ConnectorKind, config.connector.kind) == modes.ConnectorKind.C_ABSTRACTOR:
+    grids["connector/pos_embedding"] = modes.PosResize.BILINEAR.value  # CAbstractor resizes its table bilinearly
   return grids
 
 
@@ -38,10 +39,9 @@ class MM15(nnx.Module):
     common = dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
                   attention_impl=config.attention_impl, scan_unroll=config.scan_unroll, rngs=rngs)
     self.vit = VisionTransformer(config.vit, **common)
-    self.pixel_stats = (tuple(config.vit.get("image_mean", CLIP_MEAN)), tuple(config.vit.get("image_std", CLIP_STD)))
+    self.pixel_stats = (tuple(config.vit.image_mean), tuple(config.vit.image_std))
     self.connector = make_connector(config, rngs)
-    moe = config.get("moe") if hasattr(config, "get") else None
-    self.llm = Decoder(config.llm, moe=moe, **common)
+    self.llm = Decoder(config.llm, moe=config.moe, **common)
 
   def __call__(self, tokens, positions, segment_ids, images, image_token_positions, *, return_aux=False, head=True):
     """Logits float32 [B, L, vocab] for one batch (fields as in mm15_jax/batch.py); with

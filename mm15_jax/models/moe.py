@@ -19,7 +19,9 @@ them; each token shard routes its own tokens and exchanges them with fixed-size 
 `jax.lax.all_to_all` buffers over the expert axis, so each shard runs only its local experts.
 Expert weights enter gathered over their "embed" axes (FSDP's all-gather, done by shard_map's
 resharding) and split over their "mlp" axes (tensor parallelism: partial outputs summed).
-With one expert shard the same code runs without the exchange.
+With one expert shard the same code runs without the exchange. Tokens that do not split over
+the batch shards are an error in training; only inference (lenient rules, `sharding.use_rules`)
+runs such a batch (e.g. one prompt) unsharded, and only with one expert shard.
 
 Padding tokens (`valid` False, i.e. segment id 0) take no capacity, get zero output and are left
 out of every statistic and auxiliary loss.
@@ -32,16 +34,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from mm15_jax import modes
 from mm15_jax import sharding as shd
-
-IMPLS = ("ragged", "capacity")
 
 
 def check_moe(moe_cfg, n_layers: int) -> None:
   """Clear errors for a bad `config.model.moe` before anything is built."""
+  modes.parse(modes.MoeImpl, moe_cfg["impl"])
   e, k, interval = moe_cfg["num_experts"], moe_cfg["top_k"], moe_cfg["interval"]
-  if moe_cfg["impl"] not in IMPLS:
-    raise ValueError(f"config.model.moe.impl={moe_cfg['impl']!r}: expected one of {IMPLS}")
   if not 1 <= k <= e:
     raise ValueError(f"config.model.moe.top_k={k} must be in [1, num_experts={e}]")
   if interval < 1 or n_layers % interval:
@@ -50,12 +50,15 @@ def check_moe(moe_cfg, n_layers: int) -> None:
 
 
 def moe_settings(moe_cfg, mlp_dim: int):
-  """`config.model.moe` (ConfigDict, dict or None) as a plain dict with defaults; None for a dense model."""
-  get = (lambda k, d: moe_cfg.get(k, d)) if moe_cfg is not None else (lambda k, d: d)
-  s = dict(num_experts=int(get("num_experts", 0)), top_k=int(get("top_k", 2)), interval=int(get("interval", 2)),
-           expert_mlp_dim=int(get("expert_mlp_dim", 0)) or mlp_dim, impl=get("impl", "ragged"),
-           capacity_factor=float(get("capacity_factor", 1.25)))
-  return s if s["num_experts"] > 0 else None
+  """`config.model.moe` (ConfigDict or dict, every field of configs.base()'s; None: dense) as the
+  plain dict the layers read, impl a modes.MoeImpl and expert_mlp_dim 0 resolved to `mlp_dim`;
+  None for a dense model (num_experts 0)."""
+  if moe_cfg is None or not moe_cfg["num_experts"]:
+    return None
+  impl = modes.parse(modes.MoeImpl, moe_cfg["impl"])  # first: the clearest error for a bad value
+  return dict(num_experts=int(moe_cfg["num_experts"]), top_k=int(moe_cfg["top_k"]), interval=int(moe_cfg["interval"]),
+              expert_mlp_dim=int(moe_cfg["expert_mlp_dim"]) or mlp_dim, impl=impl,
+              capacity_factor=float(moe_cfg["capacity_factor"]))
 
 
 def _param(rngs, shape, names, dtype, in_axis, batch_axis=()):
@@ -71,7 +74,7 @@ class MoE(nnx.Module):
   def __init__(self, d_model: int, settings: dict, *, dtype, param_dtype, rngs: nnx.Rngs):
     e, f = settings["num_experts"], settings["expert_mlp_dim"]
     self.num_experts, self.top_k = e, settings["top_k"]
-    self.impl, self.capacity_factor = settings["impl"], settings["capacity_factor"]
+    self.impl, self.capacity_factor = modes.parse(modes.MoeImpl, settings["impl"]), settings["capacity_factor"]
     self.dtype = dtype
     self.router = _param(rngs, (d_model, e), ("embed", None), param_dtype, 0)
     self.gate = _param(rngs, (e, d_model, f), ("expert", "embed", "mlp"), param_dtype, 1, 0)
@@ -227,7 +230,7 @@ def _local(x, valid, w, *, num_experts, top_k, impl, capacity_factor, ep=1, axis
     out = fn(recv).reshape(e_loc, ep, c, d).transpose(1, 0, 2, 3).reshape(ep * e_loc, c, d)
     return jax.lax.all_to_all(out, axis, 0, 0, tiled=True)
 
-  if impl == "capacity":
+  if impl == modes.MoeImpl.CAPACITY:
     cap = capacity(x.shape[0], top_k, num_experts, capacity_factor)
     ys, dropped = _capacity_path(x, experts, valid, w, num_experts, cap, exchange)
   else:
@@ -248,7 +251,8 @@ def _axes(entry) -> tuple:
 
 
 def _active_mesh_and_rules():
-  """(mesh, rules) of the active `sharding.use_rules` (active at trace time in training), else None."""
+  """(mesh, rules) of the active `sharding.use_rules` (active at trace time in training and
+  inference), else None."""
   mesh = shd.active_mesh()
   return None if mesh is None else (mesh, shd.active_rules())
 
@@ -268,10 +272,13 @@ def moe_tokens(x, valid, weights, *, top_k: int, impl: str, capacity_factor: flo
   ep = math.prod(mesh.shape[a] for a in expert_axes)
   n_shards = math.prod(mesh.shape[a] for a in batch_axes)
   if x.shape[0] % n_shards:
-    if ep > 1:
-      raise ValueError(f"MoE: {x.shape[0]} tokens do not split over the batch mesh axes {batch_axes} "
-                       f"({n_shards} shards); change config.train.batch_size or config.mesh")
-    return _local(x, valid, weights, **kw)  # e.g. a batch of one at inference: leave it to the compiler
+    if ep > 1 or not shd.lenient():
+      # Training: running the layer unsharded would silently change the sharding plan.
+      raise ValueError(f"MoE: {x.shape[0]} tokens (batch x length) do not split over the batch mesh axes "
+                       f"{batch_axes} ({n_shards} shards), so the layer cannot run sharded"
+                       + (f" over its {ep} expert shards" if ep > 1 else "")
+                       + "; change config.train.batch_size or config.mesh")
+    return _local(x, valid, weights, **kw)  # inference (lenient rules), e.g. a batch of one: unsharded
   tensor_axes = tuple(a for a in _axes(spec(("expert", "embed", "mlp"))[2]) if a not in batch_axes)
   if n_shards == 1 and ep == 1 and not tensor_axes:
     return _local(x, valid, weights, **kw)

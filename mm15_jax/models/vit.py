@@ -11,16 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mm15_jax import modes
 from mm15_jax.models.attention import attention, check_impl
 from mm15_jax.models.llm import dense_init, param, remat_policy, scan_layers, stack_layers
 from mm15_jax.sharding import constrain
 
 ACTS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # SigLIP's "gelu_pytorch_tanh"
+    modes.VitAct.QUICK_GELU: lambda x: x * jax.nn.sigmoid(1.702 * x),
+    modes.VitAct.GELU: lambda x: jax.nn.gelu(x, approximate=False),
+    modes.VitAct.GELU_TANH: lambda x: jax.nn.gelu(x, approximate=True),  # SigLIP's "gelu_pytorch_tanh"
 }
-POS_RESIZE = ("bilinear", "bicubic")
 
 
 class LayerNorm(nnx.Module):
@@ -61,6 +61,34 @@ def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
   return m
 
 
+def sincos_2d(grid: int, width: int, scale: float = 1.0) -> np.ndarray:
+  """[grid, grid, width] 2-D sin-cos position codes (a quarter of the channels each for
+  sin x, cos x, sin y, cos y; frequencies 1 / 10000^(k / (width/4)))."""
+  if width % 4:
+    raise ValueError(f"sin-cos position codes need a width divisible by 4, got {width}")
+  quarter = width // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
+  y, x = np.mgrid[:grid, :grid]
+  x = x.reshape(-1, 1) * omega
+  y = y.reshape(-1, 1) * omega
+  codes = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return (scale * codes).reshape(grid, grid, width)
+
+
+def sincos_init(scale: float = 1.0):
+  """An initializer for a learned [grid, grid, width] position table: 2-D sin-cos codes.
+
+  From scratch, a table that already says where each patch is lets the model learn where an
+  object is several hundred steps sooner than a random one (benchmarks/RESULTS.md, "Boxes"); it
+  stays trainable, and imported weights replace it."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    grid, grid_w, width = shape
+    assert grid == grid_w, shape
+    return jnp.asarray(sincos_2d(grid, width, scale), dtype)
+  return init
+
+
 def resize_pos_embedding(table, grid_h: int, grid_w: int, method: str = "bilinear"):
   """table: [h, w, width] learned grid -> [grid_h, grid_w, width]: "bilinear" (half-pixel
   centres) or "bicubic" (torch's, see bicubic_matrix).
@@ -69,7 +97,7 @@ def resize_pos_embedding(table, grid_h: int, grid_w: int, method: str = "bilinea
   """
   if table.shape[:2] == (grid_h, grid_w):
     return table
-  if method == "bicubic":
+  if modes.parse(modes.PosResize, method) == modes.PosResize.BICUBIC:
     rows = jnp.asarray(bicubic_matrix(table.shape[0], grid_h), jnp.float32)
     cols = jnp.asarray(bicubic_matrix(table.shape[1], grid_w), jnp.float32)
     out = jnp.einsum("ih,jw,hwd->ijd", rows, cols, table.astype(jnp.float32), precision="highest")
@@ -83,7 +111,7 @@ class ViTBlock(nnx.Module):
   def __init__(self, cfg, *, dtype, param_dtype, attention_impl, rngs):
     d, h, f = cfg.width, cfg.heads, cfg.mlp_dim
     hd = d // h
-    self.dtype, self.act, self.attention_impl = dtype, ACTS[cfg.act], attention_impl
+    self.dtype, self.act, self.attention_impl = dtype, ACTS[modes.parse(modes.VitAct, cfg.act)], attention_impl
     p = lambda init, shape, names: param(rngs, init, shape, names, param_dtype)
     zeros = jax.nn.initializers.zeros
     self.ln_1 = LayerNorm(d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
@@ -127,12 +155,10 @@ class VisionTransformer(nnx.Module):
 
   def __init__(self, config, *, dtype="float32", param_dtype="float32", remat="none", scan_unroll: int = 1,
                attention_impl="xla", rngs: nnx.Rngs):
-    if config.act not in ACTS:
-      raise ValueError(f"config.model.vit.act={config.act!r}: expected one of {sorted(ACTS)}")
+    modes.parse(modes.VitAct, config.act)
     if config.width % config.heads:
       raise ValueError(f"config.model.vit: width={config.width} is not a multiple of heads={config.heads}")
-    if config.get("pos_resize", "bilinear") not in POS_RESIZE:
-      raise ValueError(f"config.model.vit.pos_resize={config.pos_resize!r}: expected one of {POS_RESIZE}")
+    pos_resize = modes.parse(modes.PosResize, config.pos_resize)
     if config.image_size % config.patch_size:
       raise ValueError(f"config.model.vit: image_size={config.image_size} is not a multiple of "
                        f"patch_size={config.patch_size}")
@@ -141,20 +167,21 @@ class VisionTransformer(nnx.Module):
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     self.dtype, self.remat, self.patch_size = dtype, remat, config.patch_size
     self.scan_unroll = scan_unroll
-    self.pos_resize = config.get("pos_resize", "bilinear")
+    self.pos_resize = pos_resize
     p, d, g = config.patch_size, config.width, config.image_size // config.patch_size
     emb = jax.nn.initializers.normal(d ** -0.5)  # CLIP's scale for class and position embeddings
     # Conv kernel layout [p, p, 3, width] (open_clip's conv1, transposed), applied as a matmul.
     self.patch_embedding = param(rngs, dense_init((0, 1, 2)), (p, p, 3, d), (None, None, None, "embed"), param_dtype)
-    if config.get("patch_bias", False):
+    if config.patch_bias:
       self.patch_bias = param(rngs, jax.nn.initializers.zeros, (d,), (None,), param_dtype)
-    if config.get("class_token", True):
+    if config.class_token:
       self.class_embedding = param(rngs, emb, (d,), (None,), param_dtype)
       self.class_pos_embedding = param(rngs, emb, (d,), (None,), param_dtype)
-    self.pos_embedding = param(rngs, emb, (g, g, d), (None, None, "embed"), param_dtype)
-    if config.get("pre_norm", True):
+    # At CLIP's scale for embeddings: larger codes drown the colours early in training.
+    self.pos_embedding = param(rngs, sincos_init(d ** -0.5), (g, g, d), (None, None, "embed"), param_dtype)
+    if config.pre_norm:
       self.ln_pre = LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
-    if config.get("post_norm", False):
+    if config.post_norm:
       self.ln_post = LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.layers = stack_layers(
         lambda r: ViTBlock(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=r),

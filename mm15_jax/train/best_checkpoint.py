@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from data_pipelines import storage
+from mm15_jax import modes
 
 RECORD = "best.json"
 
@@ -38,8 +39,7 @@ class BestCheckpoint:
   """Call `update` after each evaluation; every process calls it with the same metrics."""
 
   def __init__(self, workdir: str, metric: str, mode: str = "min"):
-    if mode not in ("min", "max"):
-      raise ValueError(f"config.eval.best_mode={mode!r}: use 'min' or 'max'")
+    mode = modes.parse(modes.BestMode, mode).value  # plain: it goes into the record's JSON
     self.directory = best_dir(workdir)
     self.metric, self.mode = metric, mode
     committed = read_record(workdir)
@@ -70,7 +70,7 @@ class BestCheckpoint:
     if self.record is None:
       return True
     best = self.record["value"]
-    return value < best if self.mode == "min" else value > best
+    return value < best if self.mode == modes.BestMode.MIN else value > best
 
   def update(self, step: int, metrics: dict, params) -> bool:
     """Saves `params` as the new best if metrics[self.metric] beats the record; True if it did."""

@@ -10,9 +10,9 @@ import numpy as np
 from data_pipelines import builtin, storage
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.builtin import video as builtin_video
-from mm15_jax import hardware_rules
+from mm15_jax import hardware_rules, modes
 from mm15_jax import sharding as shd
-from mm15_jax.train import in_training_eval, profiling  # the trainer's own names and rules
+from mm15_jax.train import in_training_eval, optimizer, profiling  # the trainer's own names and rules
 
 
 def check_config(config, mesh=None, tokenizer=None, paths: bool = True) -> None:
@@ -32,20 +32,15 @@ def check_config(config, mesh=None, tokenizer=None, paths: bool = True) -> None:
     errors.append(f"model.connector.tokens_per_tile={k} must be a square (pooled to a sqrt x sqrt grid), e.g. 144")
   elif math.isqrt(k) > vit.image_size // vit.patch_size:
     errors.append(f"model.connector.tokens_per_tile={k} exceeds the {vit.image_size // vit.patch_size}^2 patch grid")
-  if m.remat not in ("none", "full", "dots"):
-    errors.append(f"model.remat={m.remat!r}: use 'none', 'full' or 'dots'")
-  if m.attention_impl not in ("xla", "cudnn", "splash"):
-    errors.append(f"model.attention_impl={m.attention_impl!r}: use 'xla', 'cudnn' or 'splash'")
+  errors += mode_errors(config)
   if t.grad_accum < 1 or t.batch_size % t.grad_accum:
     errors.append(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-  chunk = t.get("loss_chunk", 0)
+  chunk = t.loss_chunk
   if chunk < 0 or (0 < chunk < config.data.seq_len and config.data.seq_len % chunk):
     errors.append(f"train.loss_chunk={chunk} must be 0 (whole logits), >= data.seq_len={config.data.seq_len} or "
                   f"divide it, e.g. {math.gcd(config.data.seq_len, chunk)}")
-  if t.nan_policy not in ("stop", "skip"):
-    errors.append(f"train.nan_policy={t.nan_policy!r}: use 'stop' or 'skip'")
   try:
-    shd.dcn_sizes(config.get("mesh_dcn"))
+    shd.dcn_sizes(config.mesh_dcn)
   except ValueError as e:
     errors.append(str(e))
   errors += hardware_rules.rule_errors(config)  # every rule, not only the one this hardware matches
@@ -59,7 +54,7 @@ def check_config(config, mesh=None, tokenizer=None, paths: bool = True) -> None:
           f"{n} batch shards of mesh {dict(mesh.shape)}; use a multiple of {n}")
   # A tokenizer file may have fewer pieces than the embedding has rows (padded tables);
   # the built-in one exactly as many.
-  external = bool(config.data.get("tokenizer", ""))
+  external = bool(config.data.tokenizer)
   if tokenizer is not None and (tokenizer.vocab_size > llm.vocab_size or
                                 (tokenizer.vocab_size != llm.vocab_size and not external)):
     errors.append(
@@ -73,6 +68,21 @@ def check_config(config, mesh=None, tokenizer=None, paths: bool = True) -> None:
   errors += init_errors(config)
   if errors:
     raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+# Mode fields whose check is elsewhere: a RULES row (its message predates the enum).
+_MODES_IN_RULES = (modes.WandbMode,)
+
+
+def mode_errors(config) -> list[str]:
+  """Each field that names a mode (modes.FIELDS) against its enum, and train.trainable's parts."""
+  errors = [modes.error(mode, _get(config, field), field) for mode, field in modes.FIELDS.items()
+            if mode not in _MODES_IN_RULES]
+  try:
+    optimizer.trainable_components(config.train)
+  except ValueError as e:
+    errors.append(str(e))
+  return [e for e in errors if e]
 
 
 def _int(low, high=None):
@@ -110,8 +120,8 @@ RULES = (
     ("data.seq_len", _int(1), "an integer >= 1", "4096"),
     ("model.dtype", _float_dtype, "a floating dtype name", "'bfloat16' or 'float32'"),
     ("model.param_dtype", _float_dtype, "a floating dtype name", "'float32'"),
-    ("log.wandb.mode", lambda v: v in ("online", "offline"), "'online' or 'offline' (W&B without a server)",
-     "offline"),
+    ("log.wandb.mode", lambda v: v in modes.values(modes.WandbMode),
+     " or ".join(map(repr, modes.values(modes.WandbMode))) + " (W&B without a server)", modes.WandbMode.OFFLINE.value),
 )
 
 # The least text any example carries besides its image tiles: "User:", an indicator, a short
@@ -131,10 +141,7 @@ def range_errors(config) -> list[str]:
   the built-in tokenizer's smallest vocabulary, the source weights."""
   errors = []
   for field, test, what, example in RULES:
-    try:
-      value = _get(config, field)
-    except (KeyError, AttributeError):  # a config from before the field existed: its default applies
-      continue
+    value = _get(config, field)
     if not test(value):
       errors.append(f"{field}={value!r}: must be {what}, e.g. --config.{field}={example}")
   if errors:
@@ -148,7 +155,7 @@ def range_errors(config) -> list[str]:
                   f"+ {MIN_TEXT_TOKENS} of text)" if images else f"data.seq_len={d.seq_len} cannot hold the "
                   f"smallest example ({MIN_TEXT_TOKENS} tokens of text)")
     errors[-1] += f": every record would be dropped; set --config.data.seq_len={max(need, 256)} or more"
-  if not d.get("tokenizer", ""):
+  if not d.tokenizer:
     least = tokenizer_lib.min_vocab_size()
     if config.model.llm.vocab_size < least:
       errors.append(f"model.llm.vocab_size={config.model.llm.vocab_size}: the built-in tokenizer needs at least "
@@ -166,7 +173,7 @@ def init_path_errors(config) -> list[str]:
   """Each init.* path exists, named by its own field."""
   errors = []
   for field in ("from_checkpoint", "llm_from", "vit_from", "upcycle_from"):
-    path = config.init.get(field, "")
+    path = config.init[field]
     if path and not storage.exists(path):
       errors.append(f"init.{field}={path!r}: no such run or checkpoint; give a run's workdir, its checkpoints/ or "
                     "a step directory (local or gs://)")
@@ -174,14 +181,13 @@ def init_path_errors(config) -> list[str]:
 
 
 def eval_and_profile_errors(config) -> list[str]:
-  """config.eval and config.profile: the in-training evaluation, best checkpoint and trace."""
+  """config.eval and config.profile: the in-training evaluation, best checkpoint and trace
+  (eval.best_mode, a mode, is checked with the others: mode_errors)."""
   e, errors = config.eval, []
   for field, low in (("every", 0), ("batches", 1), ("generate_per_task", 0)):
     value = e[field]
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       errors.append(f"eval.{field}={value!r}: must be an integer >= {low}")
-  if e.best_mode not in ("min", "max"):
-    errors.append(f"eval.best_mode={e.best_mode!r}: use 'min' (lower is better) or 'max'")
   if e.best_metric:
     names = in_training_eval.metric_names(config)
     if e.best_metric not in names:
@@ -198,7 +204,7 @@ def eval_and_profile_errors(config) -> list[str]:
 def init_errors(config) -> list[str]:
   """config.init.upcycle_from: an MoE model, experts the dense FFN's size, no other source of its params."""
   i, moe, llm = config.init, config.model.moe, config.model.llm
-  path = i.get("upcycle_from", "")
+  path = i.upcycle_from
   if not path:
     return []
   errors = []
@@ -228,15 +234,14 @@ def tile_budget_errors(config) -> list[str]:
     errors.append(f"data.max_tiles={max_tiles} tiles x model.connector.tokens_per_tile={k} = {max_tiles * k} "
                   f"image tokens overflow data.seq_len={seq_len}; set --config.data.max_tiles={seq_len // k} "
                   f"or raise data.seq_len to at least {max_tiles * k}")
-  anyres = d.get("anyres") or {}
-  n_min, n_max = anyres.get("n_min", 1), anyres.get("n_max", 1)
-  split_max = anyres.get("split_max_images", 2)
+  anyres = d.anyres
+  n_min, n_max, split_max = anyres.n_min, anyres.n_max, anyres.split_max_images
   if not 1 <= n_min <= n_max:
     errors.append(f"data.anyres.n_min={n_min}, data.anyres.n_max={n_max}: need 1 <= n_min <= n_max "
                   "(sub-images per split image), e.g. n_min=4, n_max=9")
   if split_max < 0:
     errors.append(f"data.anyres.split_max_images={split_max}: must be >= 0 (0: never split)")
-  if errors or not anyres.get("enabled", False) or not split_max:
+  if errors or not anyres.enabled or not split_max:
     return errors
   per_image = n_max + 1 if n_max > 1 else 1  # a 1x1 grid is the unsplit tile, no overview
   need = split_max * per_image
@@ -244,7 +249,7 @@ def tile_budget_errors(config) -> list[str]:
     errors.append(
         f"data.max_tiles={max_tiles} cannot hold the largest split sample: data.anyres.split_max_images="
         f"{split_max} images x (data.anyres.n_max={n_max} sub-images + 1 overview) = {need} tiles, so "
-        f"data.overlong={d.get('overlong', 'drop')!r} drops or cuts every such sample; set "
+        f"data.overlong={d.overlong!r} drops or cuts every such sample; set "
         f"--config.data.max_tiles={need}" + (f" (and data.seq_len >= {need * k})" if need * k > seq_len else "")
         + ", or lower data.anyres.n_max or data.anyres.split_max_images")
   return errors
@@ -274,7 +279,7 @@ def video_errors(config, tokenizer=None) -> list[str]:
                   f"--config.data.max_tiles={n} or sample fewer frames")
   k = config.model.connector.tokens_per_tile
   indicator = 0
-  if data.anyres.get("indicators", "none") == "index":  # "Image k:" before each frame's tile
+  if data.anyres.indicators == modes.Indicators.INDEX:  # "Image k:" before each frame's tile
     indicator = len(tokenizer.encode_span(f"Image {n}:")) if tokenizer is not None else 4 + len(str(n))
   text = 64  # "User:", a question, "Assistant:", a short answer and a follow-up turn
   need = n * (k + indicator) + text

@@ -16,7 +16,7 @@ import data_pipelines
 from data_pipelines import pipeline as pipeline_lib
 from mm15_jax import batch as batch_lib
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import distributed, run_record
+from mm15_jax import distributed, modes, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.models.mm15 import position_grids
 from mm15_jax.train import flops as flops_lib
@@ -68,7 +68,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   checkpointer = ckpt_lib.Checkpointer(
       ckpt_lib.workdir_checkpoints(workdir), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   writer = None
-  preemption = PreemptionWatch(config.checkpoint.get("sigterm_grace_s", 120))
+  preemption = PreemptionWatch(config.checkpoint.sigterm_grace_s)
   profiler = StepProfiler(config.profile, workdir)
   try:
     handoff_notes = []  # one line per position grid resized for this stage's image size
@@ -154,7 +154,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
       total = 0 if nonfinite is None else int(distributed.host_value(nonfinite))
       if total > seen_nonfinite:
         msg = f"{total - seen_nonfinite} non-finite step(s) by step {done}; their updates were skipped"
-        if config.train.nan_policy == "stop":
+        if modes.parse(modes.NanPolicy, config.train.nan_policy) == modes.NanPolicy.STOP:
           raise FloatingPointError(
               msg + f"; stopping with the last good checkpoint (step {checkpointer.latest_good_step()}) intact "
               "(config.train.nan_policy='stop'; 'skip' to continue)")

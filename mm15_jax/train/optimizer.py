@@ -3,9 +3,10 @@
 import jax
 import optax
 
+from mm15_jax import modes
 from mm15_jax.models.build import is_axes
 
-COMPONENTS = ("vit", "connector", "llm")
+COMPONENTS = modes.values(modes.Component)  # the model's parts, as its param tree names them
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -20,16 +21,17 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   )
 
 
-def trainable_components(train_config) -> tuple[str, ...]:
+def trainable_components(train_config) -> tuple[modes.Component, ...]:
+  """config.train.trainable: "all" or a comma list of modes.Component values."""
   spec = train_config.trainable
   if spec == "all":
-    return COMPONENTS
+    return tuple(modes.Component)
   names = tuple(n.strip() for n in spec.split(",") if n.strip())
   unknown = [n for n in names if n not in COMPONENTS]
   if unknown or not names:
     raise ValueError(
         f"config.train.trainable={spec!r}: unknown parts {unknown}; use 'all' or a comma list of {COMPONENTS}")
-  return names
+  return tuple(map(modes.Component, names))
 
 
 def decay_mask(logical_axes: dict) -> dict:

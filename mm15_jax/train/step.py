@@ -20,7 +20,7 @@ MODEL_INPUTS = ("tokens", "positions", "segment_ids", "images", "image_token_pos
 
 def loss_chunk(config, length: int) -> int:
   """Positions per LM-head chunk (train.loss_chunk, at most the sequence `length`); 0: whole logits."""
-  return min(config.train.get("loss_chunk", 0), length)
+  return min(config.train.loss_chunk, length)
 
 
 def _forward_sums(setup: TrainSetup, params, batch):

@@ -21,6 +21,7 @@ import os
 import uuid
 
 from data_pipelines import storage
+from mm15_jax import modes
 
 
 class Tracker:
@@ -70,7 +71,7 @@ class WandB(Tracker):
     self._run = None
 
   def _local_dir(self) -> str:
-    if self._settings.get("dir"):
+    if self._settings["dir"]:
       return self._settings["dir"]
     if not storage.is_remote(self._workdir):
       return os.path.join(self._workdir, "wandb")
@@ -84,8 +85,8 @@ class WandB(Tracker):
     os.makedirs(directory, exist_ok=True)
     s = self._settings
     self._run = self._wandb.init(
-        project=s["project"], entity=s.get("entity") or None, name=s.get("name") or None,
-        mode=s.get("mode") or "online", dir=directory, id=run_id, resume="allow",
+        project=s["project"], entity=s["entity"] or None, name=s["name"] or None,
+        mode=modes.parse(modes.WandbMode, s["mode"]).value, dir=directory, id=run_id, resume="allow",
         config=dict(config, run=run_record))
     if not storage.exists(id_path):
       storage.write_text_atomic(id_path, run_id)
@@ -103,11 +104,11 @@ class WandB(Tracker):
 
 def make_trackers(config, workdir: str, purge_step: int | None) -> list[Tracker]:
   """The trackers `config.log` asks for (process 0 only)."""
-  log = config.get("log") or {}
+  log = config["log"]
   trackers = []
-  if log.get("tensorboard", True):
+  if log["tensorboard"]:
     trackers.append(TensorBoard(workdir, purge_step))
-  wandb_settings = dict(log.get("wandb") or {})
-  if wandb_settings.get("project"):
+  wandb_settings = dict(log["wandb"])
+  if wandb_settings["project"]:
     trackers.append(WandB(workdir, wandb_settings))
   return trackers
