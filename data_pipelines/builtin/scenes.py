@@ -29,11 +29,6 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 MIN_SIDE, MAX_SIDE = 24, 96
 # Below 6 px a circle is indistinguishable from a square.
 MIN_OBJECT = 6
-# Object sides as fractions of the image's short side. A quarter: in the overview tile of a
-# square image (32 px of 8-px patches) an object spans at least a patch, and split tiles
-# enlarge it. A from-scratch encoder learns where an object is once it spans a patch, and not
-# in CPU minutes when it is smaller (benchmarks/RESULTS.md, "Boxes").
-MIN_FRAC, MAX_FRAC = 0.25, 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +69,10 @@ def image_hw(rng: np.random.Generator, scale: float, min_hw=(0, 0)) -> tuple[int
   return tuple(int(rng.integers(max(lo, m), max(hi, m) + 1)) for m in min_hw)
 
 
-def _place(rng, h: int, w: int, count: int, min_frac: float, max_frac: float) -> list[tuple[int, int, int]]:
+def _place(rng, h: int, w: int, count: int, max_frac: float) -> list[tuple[int, int, int]]:
   """(x, y, size) of up to `count` squares at least one pixel apart (fewer if crowded)."""
   side = min(h, w)
-  lo = max(MIN_OBJECT, int(side * min_frac))
+  lo = max(MIN_OBJECT, side // 6)
   hi = max(lo, int(side * max_frac))
   boxes = []
   for _ in range(50 * count):  # rejection sampling, bounded
@@ -90,8 +85,7 @@ def _place(rng, h: int, w: int, count: int, min_frac: float, max_frac: float) ->
   return boxes
 
 
-def draw_scene(rng, h: int, w: int, count: int, *, unique: bool = True, min_frac: float = MIN_FRAC,
-               max_frac: float = MAX_FRAC):
+def draw_scene(rng, h: int, w: int, count: int, *, unique: bool = True, max_frac: float = 0.4):
   """-> (image uint8 [h, w, 3], background name, [Obj]).
 
   unique=True: every object a different shape and a different colour (at most 3), so
@@ -103,7 +97,7 @@ def draw_scene(rng, h: int, w: int, count: int, *, unique: bool = True, min_frac
   image[:] = BACKGROUNDS[background]
   if unique:
     count = min(count, len(SHAPES))
-  boxes = _place(rng, h, w, count, min_frac, max_frac)
+  boxes = _place(rng, h, w, count, max_frac)
   if unique:
     shape_ids = rng.permutation(len(SHAPES))[:len(boxes)]
     color_ids = rng.permutation(len(COLORS))[:len(boxes)]

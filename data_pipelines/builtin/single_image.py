@@ -90,7 +90,7 @@ class Counting(source.Source):
   stream = 3
 
   def generate(self, rng):
-    image, _, objects = _scene(rng, self.image_scale, 1, 6, unique=False, min_frac=0.2, max_frac=0.3)  # room for 6
+    image, _, objects = _scene(rng, self.image_scale, 1, 6, unique=False, max_frac=0.3)
     n = len(objects)
     count = lambda **kw: sum(all(getattr(o, k) == v for k, v in kw.items()) for o in objects)
     shape, other = (scenes.SHAPES[i] for i in rng.permutation(len(scenes.SHAPES))[:2])
