@@ -189,7 +189,8 @@ def test_load_model_gives_the_trained_params_logits(trained, dense):
   tiles[0, :len(ex["tiles"])] = ex["tiles"]
   n = len(ids)
   want = net(np.asarray([ids], np.int32), np.arange(n)[None].astype(np.int32), np.ones((1, n), np.int32), tiles, slots)
-  np.testing.assert_allclose(got, np.asarray(want)[0], atol=1e-5, rtol=1e-5)
+  # One device against the trainer's 8-way mesh: float32 sums in another order (~1e-5 on logits of ~3).
+  np.testing.assert_allclose(got, np.asarray(want)[0], atol=3e-5, rtol=1e-5)
   # The trainer's end-of-run path: the same params handed over in memory.
   again = Model.from_params(config, params, model.tokenizer, devices=ONE_CPU).logits(ids, images()[0])
   np.testing.assert_allclose(again, got, atol=1e-6)
