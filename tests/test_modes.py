@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_setup import tiny_config
+from tiny_setup import set_fields, tiny_config
 
 from data_pipelines import sequence
 from data_pipelines import tokenizer as tokenizer_lib
@@ -84,14 +84,7 @@ def test_trainable_parts_are_the_component_enum():
 # ---------------------------------------------------------------- constructors
 
 def tiny_model_config(**fields):
-  c = configs.base().model
-  for key, value in fields.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_fields(configs.base().model, fields)
 
 
 @pytest.mark.parametrize("value", modes.values(modes.Remat))

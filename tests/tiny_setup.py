@@ -22,13 +22,18 @@ def tiny_config(experiment="tiny.py", **overrides):
   c.data.prefetch = 1
   c.eval.batches = 1
   c.log_every = 1
-  for key, value in overrides.items():
-    node = c
+  return set_fields(c, overrides)
+
+
+def set_fields(config, fields: dict):
+  """config with each dotted field ("train.steps") set to its value, as --config.FIELD=VALUE does."""
+  for key, value in fields.items():
+    node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return c
+  return config
 
 
 def host_batch(config, index=0):
