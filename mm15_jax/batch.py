@@ -20,6 +20,8 @@ image-placeholder tokens of that row, in order.
 import numpy as np
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_token_positions")
+# What the model reads of a batch, in the order of MM15.__call__'s arguments.
+MODEL_INPUTS = ("tokens", "positions", "segment_ids", "images", "image_token_positions")
 
 
 def shapes(batch_size: int, seq_len: int, max_tiles: int, image_size: int, tokens_per_tile: int) -> dict:

@@ -75,7 +75,7 @@ def expert_parallel_logits(out_dir, tokens, **moe):
   batch = [jax.device_put(jnp.asarray(a, jnp.int32), rows)
            for a in (tokens, np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape), np.ones_like(tokens))]
   with shd.use_rules(mesh, config.sharding_rules):
-    logits, aux = jax.jit(lambda p, *b: nnx.merge(graphdef, p)(*b, return_aux=True))(params, *batch)
+    logits, _, aux = jax.jit(lambda p, *b: nnx.merge(graphdef, p)(*b))(params, *batch)
   return np.asarray(logits), aux
 
 

@@ -188,7 +188,8 @@ def test_load_model_gives_the_trained_params_logits(trained, dense):
   tiles = np.zeros((1, 16, 32, 32, 3), np.uint8)
   tiles[0, :len(ex["tiles"])] = ex["tiles"]
   n = len(ids)
-  want = net(np.asarray([ids], np.int32), np.arange(n)[None].astype(np.int32), np.ones((1, n), np.int32), tiles, slots)
+  row = lambda a: np.asarray(a, np.int32)[None]
+  want = net(row(ids), row(np.arange(n)), row(np.ones(n)), tiles, slots).logits
   # One device against the trainer's 8-way mesh: float32 sums in another order (~1e-5 on logits of ~3).
   np.testing.assert_allclose(got, np.asarray(want)[0], atol=3e-5, rtol=1e-5)
   # The trainer's end-of-run path: the same params handed over in memory.

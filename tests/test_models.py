@@ -10,7 +10,7 @@ from flax import nnx
 from mm15_jax import configs
 from mm15_jax.models import attention as attention_lib
 from mm15_jax.models.connector import adaptive_avg_pool, make_connector
-from mm15_jax.models.llm import Decoder
+from mm15_jax.models.llm import Decoder, DecoderBlock
 from mm15_jax.models.mm15 import MM15
 from mm15_jax.models.vit import VisionTransformer, resize_pos_embedding
 
@@ -104,7 +104,7 @@ def np_adaptive_pool(x, oh, ow):
 def jitted(model):
   """The trainer's pattern: split once, jit a function that merges."""
   graphdef, state = nnx.split(model)
-  return jax.jit(lambda *a: nnx.merge(graphdef, state)(*a))
+  return jax.jit(lambda *a: nnx.merge(graphdef, state)(*a).logits)
 
 
 def packed_inputs():
@@ -165,6 +165,26 @@ def test_decoder_matches_numpy(tie):
   assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_decoder_output_has_the_same_fields_whatever_is_asked():
+  """With and without the head: the same DecoderOutput; logits None without it, hidden the
+  final norm's output either way (logits = hidden @ head weight), the dense aux all zeros."""
+  model = Decoder(tiny_llm(), rngs=nnx.Rngs(1))
+  tokens, positions, segments = packed_inputs()
+  full = model(tokens, positions, segments)
+  bare = model(tokens, positions, segments, head=False)
+  assert type(full) is type(bare) and full._fields == ("logits", "hidden", "aux")
+  assert bare.logits is None and full.hidden.shape == bare.hidden.shape == (2, 12, 32)
+  np.testing.assert_allclose(full.hidden, bare.hidden, atol=1e-6)
+  by_hand = np.asarray(bare.hidden, np.float64) @ np.asarray(model.head_weight(), np.float64)
+  np.testing.assert_allclose(full.logits, by_hand, rtol=1e-5, atol=1e-5)
+  assert float(full.aux["moe_lb_loss"]) == 0.0 and full.aux["expert_load"].shape == (0,)
+  # Blocks answer (x, stats) alike; a dense block's stats are None, whatever the caller.
+  block = DecoderBlock(tiny_llm(), dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla",
+                       rngs=nnx.Rngs(0))
+  x, stats = block(jnp.zeros((2, 12, 32)), positions, segments)
+  assert x.shape == (2, 12, 32) and stats is None
+
+
 def test_packing_invariance():
   model = Decoder(tiny_llm(), rngs=nnx.Rngs(2))
   run = jitted(model)
@@ -183,7 +203,7 @@ def test_remat_policies_agree():
     graphdef, params = nnx.split(model, nnx.Param)
 
     def loss(params, graphdef=graphdef):
-      return (nnx.merge(graphdef, params)(tokens, positions, segments) ** 2).mean()
+      return (nnx.merge(graphdef, params)(tokens, positions, segments).logits ** 2).mean()
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     results.append((value, grads))
@@ -228,7 +248,7 @@ def test_mm15_places_image_tokens():
   c = tiny_model_config()
   model = MM15(c, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  fwd = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
+  fwd = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a).logits)
   B, L, T, K = 2, 16, 2, 4
   rng = np.random.RandomState(0)
   tokens = rng.randint(0, 64, (B, L)).astype(np.int32)
@@ -248,10 +268,10 @@ def test_mm15_places_image_tokens():
     for slot, pos in enumerate(itp[b]):
       if pos >= 0:
         x[b, pos] = img_tokens[b, slot]
-  expected = np.asarray(model.llm.decode(jnp.asarray(x), positions, segments))
+  expected = np.asarray(model.llm.decode(jnp.asarray(x), positions, segments).logits)
   np.testing.assert_allclose(logits, expected, atol=1e-4)
   # Row 1 (no images): exactly the text-only decoder.
-  text = np.asarray(model.llm(tokens, positions, segments))
+  text = np.asarray(model.llm(tokens, positions, segments).logits)
   np.testing.assert_allclose(logits[1], text[1], atol=1e-5)
   # Changing the image changes logits only from its first position on (causal), and not the
   # unused tile: -1 must not wrap around to the last position.
@@ -289,7 +309,7 @@ def test_base_config_runs_and_params_are_annotated():
   itp = np.full((B, c.data.max_tiles * K), -1, np.int32)
   itp[0, :10] = np.arange(10)  # the base config has more image slots than positions: use a few
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  logits = jax.jit(lambda p, *a: nnx.merge(graphdef, p, rest)(*a))(
+  logits = jax.jit(lambda p, *a: nnx.merge(graphdef, p, rest)(*a).logits)(
       params, np.zeros((B, L), np.int32), np.tile(np.arange(L, dtype=np.int32), (B, 1)), np.ones((B, L), np.int32),
       np.zeros((B, c.data.max_tiles, S, S, 3), np.float32), itp)
   assert logits.shape == (B, L, c.model.llm.vocab_size) and logits.dtype == jnp.float32
@@ -311,6 +331,6 @@ def test_uint8_pixels_are_clip_normalised_on_device():
   std = np.array([0.26862954, 0.26130258, 0.27577711])
   normalised = ((pixels / 255.0 - mean) / std).astype(np.float32)
   np.testing.assert_allclose(
-      np.asarray(model(tokens, positions, segments, pixels, itp)),
-      np.asarray(model(tokens, positions, segments, normalised, itp)), atol=1e-5)
+      np.asarray(model(tokens, positions, segments, pixels, itp).logits),
+      np.asarray(model(tokens, positions, segments, normalised, itp).logits), atol=1e-5)
 

@@ -265,7 +265,7 @@ def test_moe_decoder_on_expert_fsdp_tensor_mesh_equals_one_device():
   tokens, positions, segments = (np.concatenate([a, a[::-1]] * 2) for a in packed())  # 8 rows
 
   def loss(p, *batch):
-    logits, aux = nnx.merge(graphdef, p)(*batch, return_aux=True)
+    logits, _, aux = nnx.merge(graphdef, p)(*batch)
     return jnp.mean(logits ** 2) + aux["moe_lb_loss"] + aux["moe_z_loss"], (logits, aux)
 
   fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -290,9 +290,9 @@ def test_upcycled_decoder_equals_dense(interval):
   nnx.replace_by_pure_dict(params, upcycle_decoder_params(dense_pure, nnx.to_pure_dict(params)))
   nnx.update(model, params)
   tokens, positions, segments = packed()
-  run = lambda m, **kw: jax.jit(lambda *a: m(*a, **kw))(tokens, positions, segments)
-  want = run(dense)
-  got, aux = run(model, return_aux=True)
+  run = lambda m: jax.jit(lambda *a: m(*a))(tokens, positions, segments)
+  want = run(dense).logits
+  got, _, aux = run(model)
   valid = segments != 0
   np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=1e-5, atol=1e-5)
   assert aux["expert_load"].shape == (4,)
@@ -333,7 +333,7 @@ def test_tiny_moe_mm15_forward_backward(impl):
           np.zeros((b, 0, s, s, 3), np.uint8), np.zeros((b, 0), np.int32))  # text only: the ViT is not the point
 
   def loss(p):
-    logits, aux = nnx.merge(graphdef, p, rest)(*args, return_aux=True)
+    logits, _, aux = nnx.merge(graphdef, p, rest)(*args)
     return jnp.mean(logits ** 2) + 0.01 * aux["moe_lb_loss"] + 0.001 * aux["moe_z_loss"], aux
 
   (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -342,7 +342,7 @@ def test_tiny_moe_mm15_forward_backward(impl):
   g = grads["llm"]["layers"]["sparse"]["moe"]
   for name in ("router", "gate", "up", "down"):
     assert np.isfinite(np.asarray(g[name][...])).all() and np.abs(np.asarray(g[name][...])).max() > 0, name
-  # A dense model answers return_aux too, with zeros and an empty load.
+  # A dense model's output has the same fields, with zeros and an empty load.
   c.moe.num_experts = 0
-  logits, aux = MM15(c, rngs=nnx.Rngs(0))(*args, return_aux=True)
+  _, _, aux = MM15(c, rngs=nnx.Rngs(0))(*args)
   assert aux["expert_load"].shape == (0,) and float(aux["moe_lb_loss"]) == 0.0

@@ -11,6 +11,7 @@ from flax import nnx
 
 from mm15_jax import configs
 from mm15_jax import sharding as shd
+from mm15_jax.batch import MODEL_INPUTS
 from mm15_jax.inference import decode
 from mm15_jax.models import moe as moe_lib
 from mm15_jax.models.mm15 import MM15
@@ -107,7 +108,7 @@ def test_inference_forward_runs_a_batch_of_one_that_training_refuses():
 
   def training_forward(p, b):
     with shd.use_rules(mesh, RULES):
-      return nnx.merge(graphdef, p, rest)(*(b[k] for k in decode.PROMPT_INPUTS[:5]))
+      return nnx.merge(graphdef, p, rest)(*(b[k] for k in MODEL_INPUTS)).logits
 
   with pytest.raises(ValueError, match=r"dimension 0 \('batch'\) of size 1 does not divide"):
     jax.jit(training_forward)(params, batch)

@@ -11,6 +11,7 @@ from tiny_setup import host_batch, place, setup_on, tiny_config
 
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import sharding as shd
+from mm15_jax.batch import MODEL_INPUTS
 from mm15_jax.convert import importer
 from mm15_jax.train import state as state_lib
 from mm15_jax.train import step as step_lib
@@ -53,7 +54,7 @@ def logits_fn(setup):
   def fn(params, batch):
     with shd.use_rules(setup.mesh, setup.config.sharding_rules):
       model = nnx.merge(setup.graphdef, params, setup.rest)
-      return model(*(batch[k] for k in step_lib.MODEL_INPUTS))
+      return model(*(batch[k] for k in MODEL_INPUTS)).logits
   return jax.jit(fn)
 
 

@@ -27,10 +27,11 @@ from flax import nnx
 
 from mm15_jax import distributed
 from mm15_jax import sharding as shd
+from mm15_jax.batch import MODEL_INPUTS
 from mm15_jax.inference.sampling import sample, step_key
 from mm15_jax.models.llm import CACHE_AXES
 
-PROMPT_INPUTS = ("tokens", "positions", "segment_ids", "images", "image_token_positions", "last")
+PROMPT_INPUTS = (*MODEL_INPUTS, "last")
 STEPS_PER_CALL = 8  # decoding steps per device call: fewer host round trips, at most 7 wasted steps
 
 
@@ -69,7 +70,7 @@ def jit_forward(graphdef, rest, mesh, rules):
   def forward(params, batch):
     with shd.use_rules(mesh, rules, lenient=True):
       model = nnx.merge(graphdef, params, rest)
-      return model(*(batch[k] for k in ("tokens", "positions", "segment_ids", "images", "image_token_positions")))
+      return model(*(batch[k] for k in MODEL_INPUTS)).logits
   return jax.jit(forward)
 
 

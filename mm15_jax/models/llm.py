@@ -14,6 +14,8 @@ applied); `step` feeds one token per row against that cache and writes its keys 
 in. Same parameters, same blocks, so the cached path computes what the full forward does.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,25 +61,23 @@ def remat_policy(remat: str):
   }[modes.parse(modes.Remat, remat)]
 
 
-def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1, has_aux: bool = False):
+def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1):
   """Runs stacked `layers` over `x` with `jax.lax.scan`: compile time does not grow with depth.
 
-  `layers(x, *args) -> x` is one block; `args` are the same for every layer. A plain
+  `layers(x, *args) -> (x, stats)` is one block (stats: a pytree, or None for none); `args`
+  are the same for every layer. Returns (x, stats stacked over layers, or None). A plain
   `jax.lax.scan` over the split state (rather than `nnx.scan`) also works when the module is
   closed over by `jax.jit`, as inference code tends to do. `unroll` > 1 trades compile time
-  for speed where loop overhead shows (CPUs). With `has_aux` a block returns `(x, aux)` and
-  this returns `(x, aux stacked over layers)`.
+  for speed where loop overhead shows (CPUs).
   """
   graphdef, state = nnx.split(layers)
 
   def body(x, layer_state):
-    out = nnx.merge(graphdef, layer_state)(x, *args)
-    return out if has_aux else (out, None)
+    return nnx.merge(graphdef, layer_state)(x, *args)
 
   if modes.parse(modes.Remat, remat) != modes.Remat.NONE:
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-  x, aux = jax.lax.scan(body, x, state, unroll=unroll)
-  return (x, aux) if has_aux else x
+  return jax.lax.scan(body, x, state, unroll=unroll)
 
 
 def scan_blocks(layers, x, fn, xs=None, unroll: int = 1):
@@ -157,14 +157,14 @@ class DecoderBlock(nnx.Module):
     self.k = p(dense_init(0), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.v = p(dense_init(0), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
     self.o = p(dense_init((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"))
-    if cfg.qkv_bias:  # Qwen2-style decoders
-      zeros = jax.nn.initializers.zeros
-      self.q_bias = p(zeros, (h, hd), ("heads", "head_dim"))
-      self.k_bias = p(zeros, (kv, hd), ("kv_heads", "head_dim"))
-      self.v_bias = p(zeros, (kv, hd), ("kv_heads", "head_dim"))
+    # Qwen2-style decoders have q/k/v biases; None elsewhere.
+    zeros = jax.nn.initializers.zeros
+    bias = lambda heads_axis, n: p(zeros, (n, hd), (heads_axis, "head_dim")) if cfg.qkv_bias else None
+    self.q_bias, self.k_bias, self.v_bias = bias("heads", h), bias("kv_heads", kv), bias("kv_heads", kv)
     self.mlp_norm = RMSNorm(d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
-    if moe is not None:  # returns (x, MoE stats)
-      self.moe = MoE(d, moe, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # An MoE block's MLP is `moe` (its stats come back from __call__); a dense block's is gate/up/down.
+    self.moe = MoE(d, moe, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if moe is not None else None
+    if self.moe is not None:
       return
     self.gate = p(dense_init(0), (d, f), ("embed", "mlp"))
     self.up = p(dense_init(0), (d, f), ("embed", "mlp"))
@@ -177,7 +177,7 @@ class DecoderBlock(nnx.Module):
 
     def project(name, heads_axis):
       out = jnp.einsum("bld,dhk->blhk", y, w(getattr(self, name)))
-      if hasattr(self, name + "_bias"):
+      if getattr(self, name + "_bias") is not None:
         out = out + w(getattr(self, name + "_bias"))
       return constrain(out, ("batch", "length", heads_axis, "head_dim"))
 
@@ -191,7 +191,7 @@ class DecoderBlock(nnx.Module):
     x = constrain(x + jnp.einsum("blhk,hkd->bld", a, w(self.o)), ("batch", "length", "embed"))
 
     y = self.mlp_norm(x)
-    if hasattr(self, "moe"):
+    if self.moe is not None:
       # Padding (segment 0) takes no expert capacity and no part in the routing statistics.
       y, stats = self.moe(y, valid=valid)
       return constrain(x + y, ("batch", "length", "embed")), stats
@@ -206,10 +206,9 @@ class DecoderBlock(nnx.Module):
                      impl=self.attention_impl)  # [batch, length, heads, head_dim]
 
   def __call__(self, x, positions, segment_ids):
-    # x: [batch, length, embed]
+    """x: [batch, length, embed] -> (x, MoE stats of this block or None for a dense one)."""
     q, k, v = self._qkv(x, positions)
-    x, stats = self._rest(x, self._self_attention(q, k, v, segment_ids), segment_ids != 0)
-    return x if stats is None else (x, stats)
+    return self._rest(x, self._self_attention(q, k, v, segment_ids), segment_ids != 0)
 
   def prefill(self, x, positions, segment_ids):
     """`__call__` that also returns this layer's (k, v) [batch, length, kv_heads, head_dim]."""
@@ -232,13 +231,14 @@ class DecoderGroup(nnx.Module):
 
   def __init__(self, cfg, moe, *, scan_unroll, rngs, **block_kw):
     self.scan_unroll = scan_unroll
-    if moe["interval"] > 1:
-      self.dense = stack_layers(lambda r: DecoderBlock(cfg, rngs=r, **block_kw), moe["interval"] - 1, rngs)
+    dense = moe["interval"] - 1  # with interval 1 every block is sparse: `dense` is None
+    self.dense = stack_layers(lambda r: DecoderBlock(cfg, rngs=r, **block_kw), dense, rngs) if dense else None
     self.sparse = DecoderBlock(cfg, moe=moe, rngs=rngs, **block_kw)
 
   def __call__(self, x, positions, segment_ids):
-    if hasattr(self, "dense"):  # the outer scan's remat covers these too
-      x = scan_layers(self.dense, x, positions, segment_ids, unroll=self.scan_unroll)
+    """-> (x, the MoE block's stats)."""
+    if self.dense is not None:  # the outer scan's remat covers these too
+      x, _ = scan_layers(self.dense, x, positions, segment_ids, unroll=self.scan_unroll)
     return self.sparse(x, positions, segment_ids)
 
   def blocks(self, x, fn, xs=None):
@@ -246,7 +246,7 @@ class DecoderGroup(nnx.Module):
     leading axis `interval`), for the inference passes."""
     take = lambda sl: None if xs is None else jax.tree.map(lambda a: a[sl], xs)
     ys = []
-    if hasattr(self, "dense"):
+    if self.dense is not None:
       x, y = scan_blocks(self.dense, x, fn, take(slice(None, -1)), unroll=self.scan_unroll)
       ys.append(y)
     x, y = fn(self.sparse, x, take(-1))
@@ -255,9 +255,24 @@ class DecoderGroup(nnx.Module):
 
 
 def no_moe_aux():
-  """The aux of a dense model, so a train step can always ask for it."""
+  """The aux of a dense model, so a train step can always read it."""
   zero = jnp.zeros((), jnp.float32)
   return dict(moe_lb_loss=zero, moe_z_loss=zero, expert_load=jnp.zeros((0,), jnp.float32), dropped_tokens=zero)
+
+
+class DecoderOutput(NamedTuple):
+  """What `Decoder.decode` and `MM15.__call__` return: the same fields whatever was asked.
+
+  logits: float32 [batch, length, vocab], or None when the caller asked for no head (the loss
+    then forms them a chunk at a time from `hidden` and `Decoder.head_weight`, train/loss.py).
+  hidden: the final norm's output [batch, length, embed], what the LM head reads.
+  aux: dict(moe_lb_loss, moe_z_loss: means over MoE layers (alpha-free, see
+    moe.finalize_stats), expert_load: [E] mean over MoE layers, dropped_tokens: over-capacity
+    assignments summed over layers); zeros and an empty load for a dense model.
+  """
+  logits: jax.Array | None
+  hidden: jax.Array
+  aux: dict
 
 
 class Decoder(nnx.Module):
@@ -292,34 +307,25 @@ class Decoder(nnx.Module):
           lambda r: DecoderGroup(config, moe, scan_unroll=scan_unroll, rngs=r, **block_kw),
           config.n_layers // moe["interval"], rngs)
     self.final_norm = RMSNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
-    if not self.tie:
-      self.lm_head = param(rngs, dense_init(0), (d, vocab), ("embed", "vocab"), param_dtype)
+    self.lm_head = None if self.tie else param(rngs, dense_init(0), (d, vocab), ("embed", "vocab"), param_dtype)
 
   def embed(self, tokens):
     """tokens: int [batch, length] -> [batch, length, embed] in the compute dtype."""
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
     return constrain(x, ("batch", "length", "embed"))
 
-  def decode(self, x, positions, segment_ids, *, return_aux=False, head=True):
-    """x: [batch, length, embed]; positions, segment_ids: int [batch, length] -> float32 [batch, length, vocab].
-    With head=False: the final norm's output [batch, length, embed] instead, what the LM head
-    (`head_weight`) reads; the loss then forms the logits a chunk at a time (train/loss.py).
-
-    With `return_aux`: (logits, aux), aux = dict(moe_lb_loss, moe_z_loss: means over MoE layers
-    (alpha-free, see moe.finalize_stats), expert_load: [E] mean over MoE layers, dropped_tokens:
-    over-capacity assignments summed over layers); zeros and an empty load for a dense model.
-    """
+  def decode(self, x, positions, segment_ids, *, head=True) -> DecoderOutput:
+    """x: [batch, length, embed]; positions, segment_ids: int [batch, length] -> DecoderOutput
+    (logits None with head=False)."""
     x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
-    scan = lambda **kw: scan_layers(self.layers, x, positions, segment_ids, remat=self.remat,
-                                    unroll=self.scan_unroll, **kw)
-    if not self.is_moe:
-      x, aux = scan(), no_moe_aux()
-    else:
-      x, stats = scan(has_aux=True)  # each [groups, ...]
+    x, stats = scan_layers(self.layers, x, positions, segment_ids, remat=self.remat, unroll=self.scan_unroll)
+    if stats is None:
+      aux = no_moe_aux()
+    else:  # each [groups, ...]
       aux = dict(moe_lb_loss=jnp.mean(stats["lb_loss"]), moe_z_loss=jnp.mean(stats["z_loss"]),
                  expert_load=jnp.mean(stats["load"], axis=0), dropped_tokens=jnp.sum(stats["dropped"]))
-    out = self.head(x) if head else self.final_norm(x)
-    return (out, aux) if return_aux else out
+    hidden = self.final_norm(x)
+    return DecoderOutput(logits=self.logits(hidden) if head else None, hidden=hidden, aux=aux)
 
   def head_weight(self):
     """The LM head [embed, vocab] in the compute dtype (the embedding's transpose when tied)."""
@@ -329,7 +335,11 @@ class Decoder(nnx.Module):
 
   def head(self, x):
     """Final norm and LM head: [batch, length, embed] -> float32 [batch, length, vocab]."""
-    logits = jnp.einsum("bld,dv->blv", self.final_norm(x), self.head_weight(), preferred_element_type=jnp.float32)
+    return self.logits(self.final_norm(x))
+
+  def logits(self, hidden):
+    """The LM head alone: the final norm's output [batch, length, embed] -> float32 [batch, length, vocab]."""
+    logits = jnp.einsum("bld,dv->blv", hidden, self.head_weight(), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
 
   def _blocks(self, x, fn, cache=None):
@@ -366,8 +376,8 @@ class Decoder(nnx.Module):
              for name, new in (("k", k), ("v", v))}
     return self.head(x)[:, 0], cache
 
-  def __call__(self, tokens, positions, segment_ids, *, return_aux=False):
-    return self.decode(self.embed(tokens), positions, segment_ids, return_aux=return_aux)
+  def __call__(self, tokens, positions, segment_ids, *, head=True) -> DecoderOutput:
+    return self.decode(self.embed(tokens), positions, segment_ids, head=head)
 
 
 def upcycle_decoder_params(dense: dict, moe: dict, noise: float = 0.0, key=None) -> dict:

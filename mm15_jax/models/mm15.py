@@ -5,7 +5,7 @@ from flax import nnx
 
 from mm15_jax import modes
 from mm15_jax.models.connector import make_connector
-from mm15_jax.models.llm import Decoder
+from mm15_jax.models.llm import Decoder, DecoderOutput
 from mm15_jax.models.vit import VisionTransformer
 from mm15_jax.sharding import constrain
 
@@ -43,17 +43,16 @@ class MM15(nnx.Module):
     self.connector = make_connector(config, rngs)
     self.llm = Decoder(config.llm, moe=config.moe, **common)
 
-  def __call__(self, tokens, positions, segment_ids, images, image_token_positions, *, return_aux=False, head=True):
-    """Logits float32 [B, L, vocab] for one batch (fields as in mm15_jax/batch.py); with
-    `return_aux`, (logits, aux) with the MoE statistics of `Decoder.decode`; with head=False the
-    final norm's output [B, L, D] stands in for the logits (`Decoder.decode`).
+  def __call__(self, tokens, positions, segment_ids, images, image_token_positions, *, head=True) -> DecoderOutput:
+    """The `DecoderOutput` of one batch (fields as in mm15_jax/batch.py): float32 logits
+    [B, L, vocab] (None with head=False), the final norm's output and the MoE statistics.
 
     tokens, positions, segment_ids: int [B, L]; images: [B, T, S, S, 3] uint8 pixels (or floats already normalised);
     image_token_positions: int [B, T*K], -1 = unused slot. Shapes are static: unused tiles
     still run through the ViT (their tokens are dropped), so nothing here recompiles per batch.
     """
     x = self.embed(tokens, images, image_token_positions)
-    return self.llm.decode(x, positions, segment_ids, return_aux=return_aux, head=head)
+    return self.llm.decode(x, positions, segment_ids, head=head)
 
   def embed(self, tokens, images, image_token_positions):
     """The embedded sequence [B, L, D] with each tile's connector tokens written at its slots."""

@@ -147,7 +147,7 @@ class ViTBlock(nnx.Module):
     hidden = self.act(jnp.einsum("bld,df->blf", y, w(self.fc1)) + w(self.fc1_bias))
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     x = x + jnp.einsum("blf,fd->bld", hidden, w(self.fc2)) + w(self.fc2_bias)
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, ("batch", "length", "embed")), None  # no per-layer statistics (scan_layers)
 
 
 class VisionTransformer(nnx.Module):
@@ -172,17 +172,15 @@ class VisionTransformer(nnx.Module):
     emb = jax.nn.initializers.normal(d ** -0.5)  # CLIP's scale for class and position embeddings
     # Conv kernel layout [p, p, 3, width] (open_clip's conv1, transposed), applied as a matmul.
     self.patch_embedding = param(rngs, dense_init((0, 1, 2)), (p, p, 3, d), (None, None, None, "embed"), param_dtype)
-    if config.patch_bias:
-      self.patch_bias = param(rngs, jax.nn.initializers.zeros, (d,), (None,), param_dtype)
-    if config.class_token:
-      self.class_embedding = param(rngs, emb, (d,), (None,), param_dtype)
-      self.class_pos_embedding = param(rngs, emb, (d,), (None,), param_dtype)
+    # Optional parts are None when the checkpoint family has none (as every module here does).
+    self.patch_bias = param(rngs, jax.nn.initializers.zeros, (d,), (None,), param_dtype) if config.patch_bias else None
+    self.class_embedding = param(rngs, emb, (d,), (None,), param_dtype) if config.class_token else None
+    self.class_pos_embedding = param(rngs, emb, (d,), (None,), param_dtype) if config.class_token else None
     # At CLIP's scale for embeddings: larger codes drown the colours early in training.
     self.pos_embedding = param(rngs, sincos_init(d ** -0.5), (g, g, d), (None, None, "embed"), param_dtype)
-    if config.pre_norm:
-      self.ln_pre = LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
-    if config.post_norm:
-      self.ln_post = LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    norm = lambda: LayerNorm(d, config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.ln_pre = norm() if config.pre_norm else None
+    self.ln_post = norm() if config.post_norm else None
     self.layers = stack_layers(
         lambda r: ViTBlock(config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, rngs=r),
         config.depth, rngs)
@@ -197,19 +195,19 @@ class VisionTransformer(nnx.Module):
     # Non-overlapping patches: [n, gh, gw, p, p, 3] -> [n, gh, gw, width].
     patches = images.astype(self.dtype).reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = jnp.einsum("nhwpqc,pqcd->nhwd", patches, self.patch_embedding[...].astype(self.dtype))
-    if hasattr(self, "patch_bias"):
+    if self.patch_bias is not None:
       x = x + self.patch_bias[...].astype(self.dtype)
     x = x + resize_pos_embedding(self.pos_embedding[...], gh, gw, self.pos_resize).astype(self.dtype)
     x = x.reshape(n, gh * gw, -1)
-    has_cls = hasattr(self, "class_embedding")
+    has_cls = self.class_embedding is not None
     if has_cls:
       cls = (self.class_embedding[...] + self.class_pos_embedding[...]).astype(self.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cls.shape[-1])), x], axis=1)
-    if hasattr(self, "ln_pre"):
+    if self.ln_pre is not None:
       x = self.ln_pre(x)
     x = constrain(x, ("batch", "length", "embed"))
     segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-    x = scan_layers(self.layers, x, segment_ids, remat=self.remat, unroll=self.scan_unroll)
-    if hasattr(self, "ln_post"):
+    x, _ = scan_layers(self.layers, x, segment_ids, remat=self.remat, unroll=self.scan_unroll)
+    if self.ln_post is not None:
       x = self.ln_post(x)
     return x[:, 1:] if has_cls else x  # patch tokens only: [n, gh * gw, width]

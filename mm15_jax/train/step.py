@@ -11,11 +11,10 @@ import optax
 from flax import nnx
 
 from mm15_jax import sharding as shd
+from mm15_jax.batch import MODEL_INPUTS
 from mm15_jax.train import optimizer as opt_lib
 from mm15_jax.train.loss import chunked_token_terms, fused_cross_entropy, masked_cross_entropy, token_terms
 from mm15_jax.train.state import TrainSetup
-
-MODEL_INPUTS = ("tokens", "positions", "segment_ids", "images", "image_token_positions")
 
 
 def loss_chunk(config, length: int) -> int:
@@ -31,14 +30,14 @@ def _forward_sums(setup: TrainSetup, params, batch):
   """
   model = nnx.merge(setup.graphdef, params, setup.rest)
   chunk = loss_chunk(setup.config, batch["tokens"].shape[1])
+  out = model(*(batch[k] for k in MODEL_INPUTS), head=not chunk)
+  moe_aux = out.aux
   if chunk:
-    hidden, moe_aux = model(*(batch[k] for k in MODEL_INPUTS), return_aux=True, head=False)
     objective, loss_sum, z_sum, correct = fused_cross_entropy(
-        hidden, model.llm.head_weight(), batch["targets"], batch["loss_mask"], setup.config.train.z_loss, chunk)
+        out.hidden, model.llm.head_weight(), batch["targets"], batch["loss_mask"], setup.config.train.z_loss, chunk)
   else:
-    logits, moe_aux = model(*(batch[k] for k in MODEL_INPUTS), return_aux=True)
     loss_sum, z_sum, correct = masked_cross_entropy(
-        logits, batch["targets"], batch["loss_mask"], setup.config.train.z_loss)
+        out.logits, batch["targets"], batch["loss_mask"], setup.config.train.z_loss)
     objective = loss_sum + z_sum
   count = jnp.sum(batch["loss_mask"].astype(jnp.float32))
   moe = setup.config.model.moe
@@ -129,11 +128,11 @@ def eval_step(setup: TrainSetup, params: dict, batch: dict):
   """
   model = nnx.merge(setup.graphdef, params, setup.rest)
   chunk = loss_chunk(setup.config, batch["tokens"].shape[1])
+  out = model(*(batch[k] for k in MODEL_INPUTS), head=not chunk)
   if chunk:
-    hidden = model(*(batch[k] for k in MODEL_INPUTS), head=False)
-    nll, _, hit = chunked_token_terms(hidden, model.llm.head_weight(), batch["targets"], chunk)
+    nll, _, hit = chunked_token_terms(out.hidden, model.llm.head_weight(), batch["targets"], chunk)
   else:
-    nll, _, hit = token_terms(model(*(batch[k] for k in MODEL_INPUTS)), batch["targets"])
+    nll, _, hit = token_terms(out.logits, batch["targets"])
   mask = batch["loss_mask"] > 0
   loss_sum, correct = jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(jnp.where(mask, hit, 0.0))
   wrong = (hit == 0) & mask
