@@ -52,16 +52,16 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "mm15-train=mm15_jax.train.main:run",
-            "mm15-recipe=mm15_jax.recipe:run",
-            "mm15-generate=mm15_jax.generate:run",
-            "mm15-video=mm15_jax.video:run",
+            "mm15-recipe=mm15_jax.tools.recipe:run",
+            "mm15-generate=mm15_jax.tools.generate:run",
+            "mm15-video=mm15_jax.tools.video:run",
             "mm15-eval=mm15_jax.evaluation.main:run",
             "mm15-convert=mm15_jax.convert.main:run",
             "mm15-convert-data=mm15_jax.cli:convert_data",
             "mm15-inspect=mm15_jax.cli:inspect_data",
-            "mm15-sweep=mm15_jax.sweep:run",
+            "mm15-sweep=mm15_jax.tools.sweep:run",
             "mm15-plan=mm15_jax.plan.main:run",
-            "mm15-summary=mm15_jax.summary:run",
+            "mm15-summary=mm15_jax.tools.summary:run",
         ],
     },
 )

@@ -3,7 +3,7 @@ fed as a multi-image input (docs/recipe.md, "Video"); training-free, or fine-tun
 
 Training-free (the image SFT model as it is):
 
-  python -m mm15_jax.video --config=experiments/mm15_video.py:3b --checkpoint=SFT_WORKDIR \
+  python -m mm15_jax.tools.video --config=experiments/mm15_video.py:3b --checkpoint=SFT_WORKDIR \
       --video=frames_dir_or.gif --prompt="What happens in the video?"
 
 Video SFT (frames as images, one tile each, never split), starting from the image SFT model;

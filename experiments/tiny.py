@@ -1,12 +1,12 @@
 """Tiny MM1.5 for CPU: trains on the built-in shapes data in a few minutes.
 
   python -m mm15_jax.train --config=experiments/tiny.py --workdir=/tmp/mm15_tiny       # the quick start
-  python -m mm15_jax.recipe --config=experiments/tiny.py --workdir=/tmp/mm15_recipe    # pretrain -> cpt -> sft
+  python -m mm15_jax.tools.recipe --config=experiments/tiny.py --workdir=/tmp/mm15_recipe    # pretrain -> cpt -> sft
 
 No argument: the quick start, one run of the built-in SFT-like mixture from scratch, ending with
 generation accuracy per task. With a stage (`:pretrain`, `:cpt`, `:sft`): the paper's three-stage
 recipe rehearsed at CPU scale (docs/recipe.md); each stage after the first starts from the one
-before it (`mm15_jax.recipe` sets `init.from_checkpoint`).
+before it (`mm15_jax.tools.recipe` sets `init.from_checkpoint`).
 """
 
 from mm15_jax import configs
@@ -66,6 +66,6 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  """`python -m mm15_jax.sweep --config=experiments/tiny.py --workdir=/tmp/mm15_sweep`"""
+  """`python -m mm15_jax.tools.sweep --config=experiments/tiny.py --workdir=/tmp/mm15_sweep`"""
   del arg
   return [{"train.lr": lr} for lr in (1e-3, 3e-3, 1e-2)]

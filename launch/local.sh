@@ -8,7 +8,7 @@
 #
 # MM15_MODULE (default mm15_jax.train) is the module each process runs with `python -m`; it
 # must take --coordinator_address/--num_processes/--process_id (mm15_jax/distributed.py):
-# mm15_jax.train, mm15_jax.evaluation, mm15_jax.generate and mm15_jax.video do.
+# mm15_jax.train, mm15_jax.evaluation, mm15_jax.tools.generate and mm15_jax.tools.video do.
 # MM15_LOCAL_DEVICES (default 8) simulated CPU devices are split evenly over the processes.
 # SIGTERM/SIGINT are forwarded to every process (a simulated preemption); the exit status
 # is the first non-zero status of any process, else 0.

@@ -1,7 +1,7 @@
 """The command that runs one training job, here or through the cluster launchers in launch/.
 
-Shared by the tools that run several jobs: sweeps (`mm15_jax.sweep`, one job per point) and
-staged recipes (`mm15_jax.recipe`, one job per stage).
+Shared by the tools that run several jobs: sweeps (`mm15_jax.tools.sweep`, one job per point) and
+staged recipes (`mm15_jax.tools.recipe`, one job per stage).
 """
 
 import json

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mm15_jax import configs
-from mm15_jax import summary as summary_lib
+from mm15_jax.tools import summary as summary_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +74,8 @@ def test_paper_sizes_param_count(size):
 
 def test_summary_cli_json():
   out = subprocess.run(
-      [sys.executable, "-m", "mm15_jax.summary", "--config", os.path.join(ROOT, "experiments", "tiny.py"), "--json"],
+      [sys.executable, "-m", "mm15_jax.tools.summary", "--config", os.path.join(ROOT, "experiments", "tiny.py"),
+       "--json"],
       capture_output=True, text=True, check=True, cwd=ROOT,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   s = json.loads(out.stdout)
@@ -85,7 +86,7 @@ def test_summary_cli_json():
 
 def test_summary_cli_reports_active_params_of_moe():
   out = subprocess.run(
-      [sys.executable, "-m", "mm15_jax.summary", "--json",
+      [sys.executable, "-m", "mm15_jax.tools.summary", "--json",
        "--config", os.path.join(ROOT, "experiments", "tiny_moe.py")],
       capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   s = json.loads(out.stdout)

@@ -23,8 +23,7 @@ LAYERS = (
     ("mm15_jax.inference",),
     ("mm15_jax.evaluation",),
     ("mm15_jax.train", "mm15_jax.convert"),
-    ("mm15_jax.plan", "mm15_jax.summary", "mm15_jax.sweep", "mm15_jax.recipe", "mm15_jax.generate",
-     "mm15_jax.video"),
+    ("mm15_jax.plan", "mm15_jax.tools"),
 )
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

@@ -7,7 +7,7 @@ import pytest
 from tiny_setup import ROOT, setup_on, tiny_config, train_on_fixed_batch
 
 from mm15_jax import configs
-from mm15_jax import summary as summary_lib
+from mm15_jax.tools import summary as summary_lib
 
 
 def hand_count_moe_llm(size):

@@ -105,14 +105,14 @@ def test_two_process_generate_samples_the_one_process_answer(checkpoint, tmp_pat
   Image.fromarray(question["images"][0]).save(tmp_path / "image.png")
   flags = ["--config=experiments/tiny.py", f"--checkpoint={checkpoint}", f"--image={tmp_path / 'image.png'}",
            f"--prompt={question['prompt']}", "--temperature=0.7", "--seed=3", "--max_new_tokens=20"]
-  outs = one_and_two("mm15_jax.generate", flags, lambda name: [])
+  outs = one_and_two("mm15_jax.tools.generate", flags, lambda name: [])
   assert outs["one"], "no answer printed"
   assert outs["two"] == outs["one"]  # the same sampled answer (and boxes), printed once
 
 
 def test_two_process_summary_and_plan_print_the_one_process_result():
   """The mesh's -1 axis is filled by the devices of every process: 8 in both launches."""
-  summary = one_and_two("mm15_jax.summary", ["--config=experiments/tiny.py", "--json"], lambda name: [])
+  summary = one_and_two("mm15_jax.tools.summary", ["--config=experiments/tiny.py", "--json"], lambda name: [])
   assert summary["two"] == summary["one"] and len(summary["one"]) == 1  # one JSON line, from process 0
   assert json.loads(summary["one"][0])["mesh"]["data"] == 8
   plan = one_and_two("mm15_jax.plan", ["--config=experiments/tiny.py", "--devices=8", "--device_memory_gib=16",

@@ -35,7 +35,7 @@ TITLE = "# Built-in held-out evaluation"
 def recipe(workdir):
   env = {**os.environ, "PYTHON": sys.executable, "MM15_LOCAL_DEVICES": "8"}
   env.pop("XLA_FLAGS", None)  # local.sh gives each process its share
-  return subprocess.Popen([sys.executable, "-m", "mm15_jax.recipe", "--config=experiments/tiny.py",
+  return subprocess.Popen([sys.executable, "-m", "mm15_jax.tools.recipe", "--config=experiments/tiny.py",
                            f"--workdir={workdir}", "--processes=2", "--", *TRAINER],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -11,6 +11,8 @@ import ml_collections
 import pytest
 
 from data_pipelines import mixture, records, sources
+from mm15_jax import configs
+from mm15_jax.train.config_checks import check_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ml_collections.ConfigDict(dict(seed=0))  # what the file kinds read of a config: nothing required
@@ -115,3 +117,11 @@ def test_a_config_with_several_jsonl_files_mixes(files):
       "b0", "b1", "b2", "b0"]  # eval is read in order, repeated
   train = mixture.mixed_records(c, "train")
   assert {records.decode(train[i])["messages"][0]["content"] for i in range(5)} == {"a0", "a1", "b0", "b1", "b2"}
+
+
+def test_the_config_check_names_a_misspelled_source_key_before_anything_runs():
+  c = configs.load_experiment(os.path.join(REPO, "experiments", "tiny.py"))
+  c.data.sources["refer"]["wieght"] = 0.5
+  with pytest.raises(ValueError, match=r"invalid config:\n  config\.data\.sources\.refer\.wieght: not a key of "
+                                       r"kind='builtin' \(did you mean 'weight'\?\)"):
+    check_config(c, paths=False)

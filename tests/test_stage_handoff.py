@@ -1,5 +1,5 @@
 """Stage handoffs: the tiny recipe's pretrain (32 px) -> cpt (48 px, AnyRes) -> sft, run once by
-`python -m mm15_jax.recipe`; position grids resized, fresh optimizer per stage, exact resumes."""
+`python -m mm15_jax.tools.recipe`; position grids resized, fresh optimizer per stage, exact resumes."""
 
 import json
 import os
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import recipe
 from mm15_jax import sharding as shd
 from mm15_jax.models.mm15 import position_grids
 from mm15_jax.models.vit import resize_pos_embedding
+from mm15_jax.tools import recipe
 from mm15_jax.train import optimizer as opt_lib
 from mm15_jax.train import state as state_lib
 from mm15_jax.train.loop import train_and_evaluate
@@ -33,7 +33,7 @@ ARGS = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train
 def staged(tmp_path_factory):
   """(workdir, log) of the three-stage recipe, run as a user runs it."""
   workdir = tmp_path_factory.mktemp("recipe")
-  out = subprocess.run([sys.executable, "-m", "mm15_jax.recipe", f"--config={TINY}", f"--workdir={workdir}",
+  out = subprocess.run([sys.executable, "-m", "mm15_jax.tools.recipe", f"--config={TINY}", f"--workdir={workdir}",
                         "--", *ARGS], cwd=ROOT, capture_output=True, text=True, timeout=1200)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return workdir, out.stdout + out.stderr
@@ -217,7 +217,7 @@ def test_encoder_from_another_run_is_resized_too(staged):
 
 def test_paper_recipe_prints_each_stage_chained(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "mm15_jax.recipe", "--config=experiments/mm15_3b.py", "--workdir=gs://bucket/3b",
+      [sys.executable, "-m", "mm15_jax.tools.recipe", "--config=experiments/mm15_3b.py", "--workdir=gs://bucket/3b",
        "--launcher=slurm", "--dry_run", "--", "--config.mesh.fsdp=8"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]

@@ -8,7 +8,8 @@ import sys
 import yaml
 from tiny_setup import ROOT
 
-from mm15_jax import configs, sweep
+from mm15_jax import configs
+from mm15_jax.tools import sweep
 
 TINY = os.path.join(ROOT, "experiments", "tiny.py")
 
@@ -31,7 +32,7 @@ def test_point_name_is_path_safe():
 
 def test_dry_run_prints_one_trainer_command_per_point(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "mm15_jax.sweep", f"--config={TINY}", f"--workdir={tmp_path}", "--dry_run",
+      [sys.executable, "-m", "mm15_jax.tools.sweep", f"--config={TINY}", f"--workdir={tmp_path}", "--dry_run",
        "--", "--config.train.steps=5"],
       cwd=ROOT, check=True, capture_output=True, text=True, timeout=120).stdout
   lines = [line for line in out.splitlines() if line.startswith("[")]

@@ -307,7 +307,7 @@ def test_video_with_the_real_model_and_cli(tmp_path):
   checkpointer.close()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   out = subprocess.run(
-      [sys.executable, "-m", "mm15_jax.video", "--config=experiments/mm15_video.py:tiny",
+      [sys.executable, "-m", "mm15_jax.tools.video", "--config=experiments/mm15_video.py:tiny",
        f"--checkpoint={tmp_path / 'run'}", f"--video={tmp_path / 'clip.gif'}", "--prompt=What changes?",
        "--max_new_tokens=4"], cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)
   assert out.stdout.strip() == answer.text  # greedy: the same answer from the same params

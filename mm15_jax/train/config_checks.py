@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from data_pipelines import builtin, storage
+from data_pipelines import sources as sources_lib
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.builtin import video as builtin_video
 from mm15_jax import hardware_rules, modes
@@ -147,6 +148,13 @@ def range_errors(config) -> list[str]:
   if errors:
     return errors
   d, k = config.data, config.model.connector.tokens_per_tile
+  for name, spec in d.sources.items():  # kinds and keys (typos), named with a suggestion
+    try:
+      sources_lib.validate_spec(name, spec)
+    except ValueError as e:
+      errors.append(str(e))
+  if errors:
+    return errors
   images = any(spec.get("kind", "builtin") != "builtin" or (spec.get("task", None) or name) not in builtin.TEXT_ONLY
                for name, spec in d.sources.items())
   need = (k if images else 0) + MIN_TEXT_TOKENS

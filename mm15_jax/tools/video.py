@@ -1,10 +1,10 @@
 """Ask a model about a video: N uniformly sampled frames, one tile each (MM1.5-Video).
 
-  python -m mm15_jax.video --config=experiments/mm15_video.py:3b --checkpoint=SFT_WORKDIR \
+  python -m mm15_jax.tools.video --config=experiments/mm15_video.py:3b --checkpoint=SFT_WORKDIR \
       --video=frames_dir_or.gif --prompt="What happens in the video?" [--frames=24]
 
 Prints the answer. The sampling rule: data_pipelines/video_frames.py. Several processes
-(launch/local.sh with MM15_MODULE=mm15_jax.video, or MM15_DISTRIBUTED=1): process 0 prints.
+(launch/local.sh with MM15_MODULE=mm15_jax.tools.video, or MM15_DISTRIBUTED=1): process 0 prints.
 """
 
 from absl import flags, logging

@@ -1,11 +1,11 @@
 """Answer a prompt about images with a trained model; print the answer and its boxes.
 
-  python -m mm15_jax.generate --config=experiments/tiny.py --checkpoint=workdirs/tiny \\
+  python -m mm15_jax.tools.generate --config=experiments/tiny.py --checkpoint=workdirs/tiny \\
       --image=a.png [--image=b.png] --prompt="Where is the red circle?" [--render=out.png]
 
 Boxes are printed in pixels of the first image; `--render` draws them, labelled, on it.
 Any config field can be overridden as in training (`--config.mesh.data=1`). Several processes
-(launch/local.sh with MM15_MODULE=mm15_jax.generate, or MM15_DISTRIBUTED=1) generate
+(launch/local.sh with MM15_MODULE=mm15_jax.tools.generate, or MM15_DISTRIBUTED=1) generate
 together; process 0 prints and renders.
 """
 

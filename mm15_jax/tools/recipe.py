@@ -1,8 +1,8 @@
 """A staged experiment's stages in order, each in WORKDIR/<stage> starting from the one before.
 
-  python -m mm15_jax.recipe --config=experiments/tiny.py --workdir=/tmp/recipe            # here, in turn
-  python -m mm15_jax.recipe --config=experiments/mm15_3b.py --workdir=gs://b/3b --launcher=slurm
-  python -m mm15_jax.recipe --config=experiments/mm15_3b.py --workdir=gs://b/3b --dry_run  # print them
+  python -m mm15_jax.tools.recipe --config=experiments/tiny.py --workdir=/tmp/recipe            # here, in turn
+  python -m mm15_jax.tools.recipe --config=experiments/mm15_3b.py --workdir=gs://b/3b --launcher=slurm
+  python -m mm15_jax.tools.recipe --config=experiments/mm15_3b.py --workdir=gs://b/3b --dry_run  # print them
 
 The stages are the experiment file's `STAGES` (a dict or a sequence of names, in order) or the
 paper's pretrain, cpt, sft; `--stages=cpt,sft` runs some of them. Stage k runs `FILE:<stage>` with

@@ -1,4 +1,4 @@
-"""Parameters per component and bytes per chip: `python -m mm15_jax.summary --config=FILE [--json]`.
+"""Parameters per component and bytes per chip: `python -m mm15_jax.tools.summary --config=FILE [--json]`.
 
 Nothing is allocated: the model is built abstractly and its shardings are worked out
 arithmetically for the config's mesh, so a 30B config summarises on a laptop.

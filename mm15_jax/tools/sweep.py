@@ -1,8 +1,8 @@
 """Sweeps: an experiment file's `get_sweep()` run point by point, each in WORKDIR/NAME.
 
-  python -m mm15_jax.sweep --config=experiments/tiny.py --workdir=/tmp/sweep              # here, in turn
-  python -m mm15_jax.sweep --config=experiments/mm15_3b.py:sft --workdir=/shared/sweep --launcher=slurm
-  python -m mm15_jax.sweep --config=experiments/tiny.py --workdir=/tmp/sweep --report     # one table
+  python -m mm15_jax.tools.sweep --config=experiments/tiny.py --workdir=/tmp/sweep              # here, in turn
+  python -m mm15_jax.tools.sweep --config=experiments/mm15_3b.py:sft --workdir=/shared/sweep --launcher=slurm
+  python -m mm15_jax.tools.sweep --config=experiments/tiny.py --workdir=/tmp/sweep --report     # one table
 
 `get_sweep(arg=None)` returns a list of override dicts keyed by dotted config paths, e.g.
 `[{"train.lr": 1e-3}, {"train.lr": 3e-3, "model.size": "1b"}]`. A point's workdir is named
