@@ -18,7 +18,6 @@ import dataclasses
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 
 import data_pipelines
@@ -216,7 +215,7 @@ def load_model(config, checkpoint_dir=None, *, tokenizer=None, devices=None,
   config = _inference_config(config, checkpoint_dir)
   mesh, graphdef, rest, abstract = _abstract(config, devices)
   def init():
-    fresh = lambda: nnx.to_pure_dict(nnx.split(build.build_model(config.model, config.seed), nnx.Param, ...)[1])
+    fresh = lambda: build.model_parts(config, abstract=False).params
     return jax.jit(fresh, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
 
   # A checkpoint of some parts only (an import) gets the others fresh from config.seed.

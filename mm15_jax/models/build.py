@@ -3,6 +3,8 @@ its sharding on a mesh (`abstract_params`): what training, inference, checkpoint
 planner all start from, so it lives with the models, below them all.
 """
 
+from typing import NamedTuple
+
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -13,6 +15,22 @@ from mm15_jax.models.mm15 import MM15
 
 def build_model(model_config, seed: int = 0) -> MM15:
   return MM15(model_config, rngs=nnx.Rngs(seed))
+
+
+class ModelParts(NamedTuple):
+  """The model of a config split for jax transformations."""
+  graphdef: nnx.GraphDef
+  rest: nnx.State  # every non-param variable (none today; kept so a merge is always whole)
+  logical: dict  # each param's logical axis names (logical_axes)
+  params: dict  # pure dict of arrays, or of ShapeDtypeStructs when abstract
+
+
+def model_parts(config, abstract: bool = True) -> ModelParts:
+  """`config.model` built with `config.seed` and split; abstract (the default) allocates nothing.
+  Inside a jit with abstract=False, the params come out initialised in their shardings."""
+  make = lambda: build_model(config.model, config.seed)
+  graphdef, params, rest = nnx.split(nnx.eval_shape(make) if abstract else make(), nnx.Param, ...)
+  return ModelParts(graphdef, rest, logical_axes(params), nnx.to_pure_dict(params))
 
 
 def logical_axes(param_state: nnx.State) -> dict:
@@ -47,9 +65,7 @@ def param_shardings(logical: dict, abstract_params: dict, mesh, rules) -> dict:
 def abstract_params(config, mesh):
   """(graphdef, rest, params as ShapeDtypeStructs carrying their shardings on `mesh`): the model
   of `config` without allocating it, as inference and checkpoint import place params."""
-  model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  logical, abstract = logical_axes(params), nnx.to_pure_dict(params)
+  graphdef, rest, logical, abstract = model_parts(config)
   shardings = param_shardings(logical, abstract, mesh, config.sharding_rules)
   structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return graphdef, rest, structs

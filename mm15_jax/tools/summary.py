@@ -20,16 +20,12 @@ def summarize(config, devices: int) -> dict:
   """Param counts and per-chip bytes of params (param_dtype) and AdamW moments (float32)."""
   import jax
   import numpy as np
-  from flax import nnx
 
   from mm15_jax import sharding as shd
   from mm15_jax.models import build
   from mm15_jax.train.flops import param_counts
 
-  abstract = nnx.eval_shape(lambda: build.build_model(config.model, config.seed))
-  _, params, _ = nnx.split(abstract, nnx.Param, ...)
-  logical = build.logical_axes(params)
-  shapes = nnx.to_pure_dict(params)
+  _, _, logical, shapes = build.model_parts(config)
   mesh = types.SimpleNamespace(shape=shd.mesh_sizes(config.mesh, devices, dcn=config.mesh_dcn))
   param_bytes = np.dtype(config.model.param_dtype).itemsize
   out = {"mesh": mesh.shape}

@@ -68,10 +68,7 @@ def optimizer_state_shardings(abstract_opt, abstract_params, p_shardings, replic
 
 def make_setup(config, mesh) -> TrainSetup:
   """Abstract model, optimizer and every sharding, checked before any compile."""
-  abstract_model = nnx.eval_shape(lambda: build.build_model(config.model, config.seed))
-  graphdef, abstract_param_state, rest = nnx.split(abstract_model, nnx.Param, ...)
-  logical = build.logical_axes(abstract_param_state)
-  abstract_params = nnx.to_pure_dict(abstract_param_state)
+  graphdef, rest, logical, abstract_params = build.model_parts(config)
   tx = opt_lib.make_optimizer(config.train, logical)
   p_shardings = build.param_shardings(logical, abstract_params, mesh, config.sharding_rules)
   replicated = NamedSharding(mesh, P())
@@ -94,8 +91,7 @@ def init_state(setup: TrainSetup) -> dict:
   config = setup.config
 
   def init():
-    _, params, _ = nnx.split(build.build_model(config.model, config.seed), nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
+    params = build.model_parts(config, abstract=False).params
     return dict(
         step=jnp.zeros((), jnp.int32),
         params=params,
