@@ -127,13 +127,16 @@ def run_entry(mesh) -> dict:
       mesh=dict(mesh.shape), python=sys.version.split()[0], packages=versions(), git_commit=git_commit())
 
 
-def write_run_files(config, workdir: str, mesh) -> None:
-  """config.json (replaced) and one runs.jsonl line (appended), from process 0."""
+def write_run_files(config, workdir: str, mesh) -> dict | None:
+  """config.json (replaced) and one runs.jsonl line (appended), from process 0; returns that
+  line's entry there (None on the other processes) for the metrics' trackers."""
   if jax.process_index() != 0:
-    return
+    return None
   directory = epath.Path(workdir)
   directory.mkdir(parents=True, exist_ok=True)
   write_config(config, workdir)
   runs = directory / "runs.jsonl"
   previous = runs.read_text() if runs.exists() else ""
-  _write(runs, previous + json.dumps(run_entry(mesh), sort_keys=True) + "\n")
+  entry = run_entry(mesh)
+  _write(runs, previous + json.dumps(entry, sort_keys=True) + "\n")
+  return entry

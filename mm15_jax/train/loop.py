@@ -57,7 +57,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   tokenizer = data_pipelines.tokenizer_for_config(config)
   check_config(config, mesh, tokenizer)
   setup = state_lib.make_setup(config, mesh)
-  run_record.write_run_files(config, workdir, mesh)  # the resolved config, and where it ran
+  launch = run_record.write_run_files(config, workdir, mesh)  # the resolved config, and where it ran
 
   n_proc, p_idx = jax.process_count(), jax.process_index()
   host_ds = data_pipelines.make_train_dataset(config, tokenizer, process_index=p_idx, process_count=n_proc)
@@ -109,7 +109,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     tokens_per_step = config.train.batch_size * config.data.seq_len
 
     writer = MetricsWriter(workdir, config.train.steps, start, progress=progress, config=config,
-                           run_record=run_record.run_entry(mesh) if jax.process_index() == 0 else None)
+                           run_record=launch)
     writer.message(
         f"mm15_jax: {counts['total'] / 1e6:.2f}M params (vit {counts['vit'] / 1e6:.2f}M, connector "
         f"{counts['connector'] / 1e6:.2f}M, llm {counts['llm'] / 1e6:.2f}M), mesh {dict(mesh.shape)}, {origin}")
