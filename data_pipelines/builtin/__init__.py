@@ -27,6 +27,7 @@ source of records (data_pipelines/records.py schema); record i is a pure functio
 
 from data_pipelines.builtin import multi_image, single_image, text_only, text_rich, ui, video
 from data_pipelines.builtin.source import SPLITS, Source
+from data_pipelines.records import IMAGE_MARKER
 
 SOURCES = {
     "caption": single_image.Caption,
@@ -68,5 +69,5 @@ def corpus(num_per_source: int = 100, seed: int = 0) -> list[str]:
   for cls in SOURCES.values():
     src = cls("train", num_per_source, seed)
     for i in range(len(src)):
-      lines += [m["content"].replace("<image>", " ") for m in src[i]["messages"]]
+      lines += [m["content"].replace(IMAGE_MARKER, " ") for m in src[i]["messages"]]
   return list(dict.fromkeys(lines))

@@ -9,13 +9,10 @@ from mm15_jax.models.llm import Decoder, DecoderOutput
 from mm15_jax.models.vit import VisionTransformer
 from mm15_jax.sharding import constrain
 
-# open_clip's OPENAI_DATASET_MEAN / STD: the normalisation CLIP and DFN encoders expect.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-
-def normalize_pixels(images, mean=CLIP_MEAN, std=CLIP_STD):
-  """uint8 pixels -> normalised floats (the encoder's mean/std); float input is taken as already normalised."""
+def normalize_pixels(images, mean, std):
+  """uint8 pixels -> normalised floats (config.model.vit.image_mean/std, CLIP's by default); float
+  input is taken as already normalised."""
   if images.dtype != jnp.uint8:
     return images
   x = images.astype(jnp.float32) / 255.0
