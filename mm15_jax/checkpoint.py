@@ -28,14 +28,18 @@ from mm15_jax.models.vit import resize_pos_embedding
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, compress: bool = False):
     self.directory = epath.Path(storage.absolute(directory))  # epath's absolute() breaks gs:// paths
     self._unsummed = []  # steps saved whose checksums are not written yet
     self._checksummer = None  # the thread writing them (process 0), joined before orbax is used again
-    self.manager = self._manager(keep, async_save)
+    self.manager = self._manager(keep, async_save, compress)
     self._keep, self._async = keep, async_save
 
-  def _manager(self, keep, async_save):
+  def _manager(self, keep, async_save, compress):
+    # The PyTree handler is what StandardSave wraps, with the compression switch exposed; the
+    # on-disk format is the same, and each array's metadata names its codec, so a restore
+    # reads compressed and uncompressed steps alike.
+    arrays = lambda: ocp.PyTreeCheckpointHandler(use_compression=compress)
     return ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -45,6 +49,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # leftovers of a killed save
         ),
         item_names=("params", "train", "data"),
+        item_handlers={"params": arrays(), "train": arrays()},
     )
 
   def _write_checksums(self, background: bool = False) -> None:
@@ -96,8 +101,8 @@ class Checkpointer:
   def save(self, state: dict, data_iterator=None, *, force: bool = False) -> None:
     step = int(jax.device_get(state["step"]))
     items = dict(
-        params=ocp.args.StandardSave(state["params"]),
-        train=ocp.args.StandardSave({k: state[k] for k in ("step", "opt_state", "rng")}),
+        params=ocp.args.PyTreeSave(state["params"]),
+        train=ocp.args.PyTreeSave({k: state[k] for k in ("step", "opt_state", "rng")}),
     )
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -112,8 +117,8 @@ class Checkpointer:
     """Restores onto the shardings carried by `abstract_state` (any mesh)."""
     step = self.latest_step() if step is None else step
     items = dict(
-        params=ocp.args.StandardRestore(abstract_state["params"]),
-        train=ocp.args.StandardRestore({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
+        params=_restore_args(abstract_state["params"]),
+        train=_restore_args({k: abstract_state[k] for k in ("step", "opt_state", "rng")}),
     )
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -128,6 +133,11 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self._write_checksums()
     self.manager.close()
+
+
+def _restore_args(abstract):
+  """Read `abstract`'s tree onto the shardings its ShapeDtypeStructs carry."""
+  return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def latest_step(directory: str) -> int | None:
@@ -168,7 +178,7 @@ def _read_only(directory, **kwargs):
 
 
 def _params_reader(directory):
-  # The PyTree handler (the on-disk format StandardSave writes) can restore a subset of the tree.
+  # The PyTree handler (what Checkpointer writes with) can restore a subset of the tree.
   return _read_only(directory, item_handlers={"params": ocp.PyTreeCheckpointHandler()})
 
 

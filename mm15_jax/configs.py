@@ -276,7 +276,10 @@ def base() -> ml_collections.ConfigDict:
   # within this many seconds (a stall, a long compile, a hung input) it exits without saving, the
   # last complete checkpoint staying the resume point. Keep it below the scheduler's kill delay
   # (Slurm's --signal lead, a pod's termination grace period). A second SIGTERM/SIGINT exits at once.
-  c.checkpoint = dict(every=100, keep=3, async_save=True, sigterm_grace_s=120)
+  # compress: zstd on every array. Trained floats shrink by ~8% while compressing and
+  # decompressing on the host halves save and restore speed (benchmarks/RESULTS.md, "Checkpoint
+  # save and restore"), so it is off; either kind of checkpoint restores under either setting.
+  c.checkpoint = dict(every=100, keep=3, async_save=True, sigterm_grace_s=120, compress=False)
   # from_checkpoint: all params of a previous stage's run (a workdir or a step dir);
   # llm_from / vit_from: only the decoder / the image encoder, from any checkpoint that has
   # them (`python -m mm15_jax.convert import` output or a run). The rest starts fresh.

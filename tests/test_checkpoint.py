@@ -8,6 +8,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tiny_setup import setup_on, tiny_config
 
@@ -82,6 +83,36 @@ def test_restore_params_onto_another_mesh(unbroken):
   checkpointer.close()
   for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(jax.device_get(again))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_compressed_plain_and_older_steps_restore_alike(unbroken, tmp_path):
+  """checkpoint.compress only changes the bytes on disk: a step written with zstd, one without
+  and one in the format of earlier versions (orbax's StandardSave) restore to the same state,
+  whichever setting the reader has."""
+  setup = setup_on(tiny_config(), MESH_A)
+  reader = ckpt_lib.Checkpointer(unbroken / "checkpoints")
+  state = reader.restore(setup.abstract_state)
+  reader.close()
+  sizes = {}
+  for compress in (True, False):
+    writer = ckpt_lib.Checkpointer(tmp_path / f"compress_{compress}", compress=compress)
+    writer.save(state)
+    writer.close()
+    files = glob.glob(str(tmp_path / f"compress_{compress}" / "6" / "**" / "*"), recursive=True)
+    sizes[compress] = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+  assert sizes[True] < 0.97 * sizes[False], sizes  # trained floats do compress a little
+  older = ocp.CheckpointManager(tmp_path / "older", item_names=("params", "train"))
+  older.save(6, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]), train=ocp.args.StandardSave(
+      {k: state[k] for k in ("step", "opt_state", "rng")})))
+  older.wait_until_finished()
+  older.close()
+  want = jax.device_get(state)
+  for written in ("compress_True", "compress_False", "older"):
+    for compress in (True, False):
+      checkpointer = ckpt_lib.Checkpointer(tmp_path / written, compress=compress)
+      got = jax.device_get(checkpointer.restore(setup.abstract_state))
+      checkpointer.close()
+      jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_next_stage_starts_from_previous_params(unbroken, tmp_path):

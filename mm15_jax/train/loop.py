@@ -66,7 +66,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
   batches = DevicePrefetcher(iter(host_ds), put, depth=config.data.prefetch, expected_local=expected_local)
 
   checkpointer = ckpt_lib.Checkpointer(
-      ckpt_lib.workdir_checkpoints(workdir), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+      ckpt_lib.workdir_checkpoints(workdir), keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+      compress=config.checkpoint.compress)
   writer = None
   preemption = PreemptionWatch(config.checkpoint.sigterm_grace_s)
   profiler = StepProfiler(config.profile, workdir)
