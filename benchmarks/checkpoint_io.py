@@ -3,6 +3,7 @@ speed of the same disk, measured in the same run in the same directory.
 
   python benchmarks/checkpoint_io.py                          # 25M params: a 300 MB train state
   python benchmarks/checkpoint_io.py --preset=cpu_100m        # a real train state (1.6 GB)
+  python benchmarks/checkpoint_io.py --preset=cpu_100m --compress   # with zstd on the arrays
   python benchmarks/checkpoint_io.py --dir=/mnt/ckpt --params=200000000
 
 Raw disk: a file of the state's size written with fsync, dropped from the page cache
@@ -131,11 +132,11 @@ def raw_disk(directory: str, size: int) -> dict:
   return dict(disk_write_s=write_s, disk_read_s=read_s, disk_cached_after_drop=cached)
 
 
-def checkpoint_io(state: dict, directory: str) -> dict:
+def checkpoint_io(state: dict, directory: str, compress: bool = False) -> dict:
   """Sync save, restore from the disk, async save; seconds, and whether the restore is exact."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   out = {}
-  ckpt = Checkpointer(os.path.join(directory, "sync"), async_save=False)
+  ckpt = Checkpointer(os.path.join(directory, "sync"), async_save=False, compress=compress)
   start = time.perf_counter()
   ckpt.save(state)
   ckpt.wait()
@@ -156,7 +157,7 @@ def checkpoint_io(state: dict, directory: str) -> dict:
   out["restore_cached_s"] = time.perf_counter() - start
   ckpt.close()
 
-  ckpt = Checkpointer(os.path.join(directory, "async"), async_save=True)
+  ckpt = Checkpointer(os.path.join(directory, "async"), async_save=True, compress=compress)
   start = time.perf_counter()
   ckpt.save(state)
   out["async_blocked_s"] = time.perf_counter() - start
@@ -186,6 +187,7 @@ def main():
   parser.add_argument("--preset", default="", help="a train_step.py preset's real train state instead")
   parser.add_argument("--dir", default=tempfile.gettempdir(), help="the disk to measure (a scratch folder is made)")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--compress", action="store_true", help="zstd on the arrays (config.checkpoint.compress)")
   args = parser.parse_args()
 
   state = randomize(preset_state(args.preset) if args.preset else synthetic_state(args.params))
@@ -196,13 +198,13 @@ def main():
     checkpoint_io(synthetic_state(4096), directory)  # orbax's first-call setup, not timed
     runs = []
     for _ in range(args.repeats):
-      runs.append(dict(raw_disk(directory, size), **checkpoint_io(state, directory)))
+      runs.append(dict(raw_disk(directory, size), **checkpoint_io(state, directory, args.compress)))
       print(json.dumps(dict(run=len(runs), **runs[-1], **rates(size, runs[-1]))), flush=True)
   finally:
     shutil.rmtree(directory, ignore_errors=True)
   median = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "restore_exact"}
   print(json.dumps(dict(
-      summary="median", preset=args.preset or "synthetic", params=n_params, state_bytes=size,
+      summary="median", preset=args.preset or "synthetic", compress=args.compress, params=n_params, state_bytes=size,
       backend=jax.default_backend(), dir=args.dir, repeats=args.repeats,
       restore_exact=all(r["restore_exact"] for r in runs),
       cache_drop_worked=all(max(r["disk_cached_after_drop"], r["checkpoint_cached_after_drop"]) < 0.01 for r in runs),
