@@ -313,6 +313,16 @@ def experiment_module(path: str):
   return module
 
 
+def set_field(config, dotted: str, value) -> None:
+  """config["train.steps"] = value, as --config.train.steps=VALUE does (ConfigDict reads dotted
+  keys but does not write them)."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for key in parents:
+    node = node[key]
+  node[leaf] = value
+
+
 def load_experiment(spec: str) -> ml_collections.ConfigDict:
   """`FILE` or `FILE:arg` -> the ConfigDict it returns, as `--config=` would load it."""
   path, _, arg = spec.partition(":")

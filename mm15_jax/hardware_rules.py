@@ -19,6 +19,8 @@ from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
+from mm15_jax import configs
+
 
 def matching_rule(rules, device_kind: str, topology: str = "") -> tuple[int, str, dict] | None:
   """(index, pattern, overrides) of the first rule matching the hardware, or None."""
@@ -50,12 +52,9 @@ def apply_hardware_rules(config, device_kind: str, topology: str = "", *, keep=(
     if field in keep:
       kept.append(field)
       continue
-    *parents, leaf = field.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = float(value) if isinstance(old, float) else tuple(value) if isinstance(old, tuple) else value
+    old = config[field]
+    configs.set_field(config, field, float(value) if isinstance(old, float) else
+                      tuple(value) if isinstance(old, tuple) else value)
     applied[field] = value
   if report:
     note = f"; kept from the command line: {', '.join(kept)}" if kept else ""

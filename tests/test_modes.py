@@ -43,7 +43,7 @@ def test_every_mode_field_is_in_base_with_an_allowed_value():
   assert set(modes.FIELDS.values()) >= {"model.remat", "model.attention_impl", "model.moe.impl", "train.nan_policy",
                                         "data.anyres.indicators", "data.overlong"}
   for mode, field in modes.FIELDS.items():
-    value = config_checks._get(c, field)
+    value = c[field]
     assert type(value) is str and modes.parse(mode, value) == value, (field, value)  # configs keep plain strings
   assert all(isinstance(m, str) and m == m.value for mode in modes.FIELDS for m in mode)
 

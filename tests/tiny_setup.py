@@ -28,11 +28,7 @@ def tiny_config(experiment="tiny.py", **overrides):
 def set_fields(config, fields: dict):
   """config with each dotted field ("train.steps") set to its value, as --config.FIELD=VALUE does."""
   for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    configs.set_field(config, key, value)
   return config
 
 

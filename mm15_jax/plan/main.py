@@ -95,11 +95,7 @@ def _sweep_configs(flag_values) -> list:
     sibling = os.path.join(os.path.dirname(path), f"mm15_{size}.py") + (f":{arg}" if arg else "")
     config = configs.load_experiment(sibling)
     for dotted, value in overrides.items():
-      *parents, leaf = dotted.split(".")
-      node = config
-      for key in parents:
-        node = node[key]
-      node[leaf] = value
+      configs.set_field(config, dotted, value)
     out.append((sibling, config))
   return out
 

@@ -77,7 +77,7 @@ _MODES_IN_RULES = (modes.WandbMode,)
 
 def mode_errors(config) -> list[str]:
   """Each field that names a mode (modes.FIELDS) against its enum, and train.trainable's parts."""
-  errors = [modes.error(mode, _get(config, field), field) for mode, field in modes.FIELDS.items()
+  errors = [modes.error(mode, config[field], field) for mode, field in modes.FIELDS.items()
             if mode not in _MODES_IN_RULES]
   try:
     optimizer.trainable_components(config.train)
@@ -130,19 +130,12 @@ RULES = (
 MIN_TEXT_TOKENS = 24
 
 
-def _get(config, field):
-  node = config
-  for key in field.split("."):
-    node = node[key]
-  return node
-
-
 def range_errors(config) -> list[str]:
   """The RULES table, then the rules that relate fields: the smallest example against data.seq_len,
   the built-in tokenizer's smallest vocabulary, the source weights."""
   errors = []
   for field, test, what, example in RULES:
-    value = _get(config, field)
+    value = config[field]
     if not test(value):
       errors.append(f"{field}={value!r}: must be {what}, e.g. --config.{field}={example}")
   if errors:
