@@ -96,7 +96,10 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
                lb_loss_weight=0.01, z_loss_weight=0.001),
       dtype="bfloat16",  # compute dtype
       param_dtype="float32",  # master weights
-      remat="full",  # modes.Remat: "none" | "full" | "dots" (save matmul outputs)
+      # modes.Remat: "none" | "full" | "dots" (save matmul outputs) | "qkv" (save the decoder's
+      # q/k/v projections) | "proj" (and the attention output and MLP input) | "proj_offload"
+      # (what "proj" saves, held in host memory until the backward pass)
+      remat="full",
       scan_unroll=1,  # layers per scan iteration; >1 helps CPUs, costs compile time
       attention_impl="xla",  # modes.AttentionImpl: "xla" | "cudnn" | "splash"
   ))

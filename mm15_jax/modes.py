@@ -22,6 +22,9 @@ class Remat(Mode):
   NONE = "none"
   FULL = "full"
   DOTS = "dots"  # save matmul outputs
+  QKV = "qkv"  # save the decoder's q/k/v projections, recompute the rest
+  PROJ = "proj"  # save q/k/v, the attention output projection and the MLP's (normed) input
+  PROJ_OFFLOAD = "proj_offload"  # what "proj" saves, moved to host memory until the backward pass
 
 
 class AttentionImpl(Mode):

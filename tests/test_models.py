@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mm15_jax import configs
+from mm15_jax import configs, modes
 from mm15_jax.models import attention as attention_lib
 from mm15_jax.models.connector import adaptive_avg_pool, make_connector
 from mm15_jax.models.llm import Decoder, DecoderBlock
@@ -198,7 +198,7 @@ def test_packing_invariance():
 def test_remat_policies_agree():
   tokens, positions, segments = packed_inputs()
   results = []
-  for remat in ("none", "full", "dots"):
+  for remat in modes.values(modes.Remat):  # "none" first, the reference
     model = Decoder(tiny_llm(), remat=remat, rngs=nnx.Rngs(3))
     graphdef, params = nnx.split(model, nnx.Param)
 
@@ -210,6 +210,30 @@ def test_remat_policies_agree():
   for value, grads in results[1:]:
     np.testing.assert_allclose(value, results[0][0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, results[0][1])
+
+
+
+Q, KV, D = "f32[2,2,12,4,8]", "f32[2,2,12,2,8]", "f32[2,2,12,32]"  # [layers, batch, length, ...]
+
+
+@pytest.mark.parametrize("remat, kept", [
+    ("full", []),
+    ("qkv", [Q, KV, KV]),
+    ("proj", [Q, KV, KV, D, D]),  # and the attention output and the MLP input, [.., d_model] each
+    ("proj_offload", [f"f32<host>{t[3:]}" for t in (Q, KV, KV, D, D)]),  # the same, in host memory
+])
+def test_named_remat_policies_keep_what_they_name(remat, kept, capsys):
+  """What the backward pass keeps from the forward one, per layer, beyond each layer's input
+  (what full remat keeps): the policy's named activations and nothing else."""
+  tokens, positions, segments = packed_inputs()
+  model = Decoder(tiny_llm(), remat=remat, rngs=nnx.Rngs(3))
+  graphdef, params = nnx.split(model, nnx.Param)
+  loss = lambda params: (nnx.merge(graphdef, params)(tokens, positions, segments).logits ** 2).mean()
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss, params)  # one line per residual: its type, where from
+  saved = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines() if "output of scan" in line)
+  layer_inputs_and_output = [D, "f32[2,12,32]"]
+  assert saved == sorted(kept + layer_inputs_and_output), saved
 
 
 def test_vit_position_embedding_interpolation():

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mm15_jax import modes
 from mm15_jax.models.attention import attention, check_impl, decode_attention
@@ -52,13 +53,27 @@ def stack_layers(make_block, n_layers: int, rngs: nnx.Rngs):
   return create(rngs)
 
 
+# The decoder block's activations by name (checkpoint_name), for the named remat policies: the
+# projections are what a backward pass most wants back, at 2-4 x d_model values a token each.
+QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+PROJ_NAMES = (*QKV_NAMES, "attn_out", "mlp_in")
+
+
 def remat_policy(remat: str):
-  """The jax.checkpoint policy of config.model.remat (None for "none"); an unknown value is refused."""
+  """The jax.checkpoint policy of config.model.remat (None for "none"); an unknown value is refused.
+  The named policies keep nothing of the ViT's blocks (no names there: its activations are small
+  next to the decoder's)."""
+  policies = jax.checkpoint_policies
   return {
-      modes.Remat.NONE: None,
-      modes.Remat.FULL: jax.checkpoint_policies.nothing_saveable,
-      modes.Remat.DOTS: jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-  }[modes.parse(modes.Remat, remat)]
+      modes.Remat.NONE: lambda: None,
+      modes.Remat.FULL: lambda: policies.nothing_saveable,
+      modes.Remat.DOTS: lambda: policies.checkpoint_dots_with_no_batch_dims,
+      modes.Remat.QKV: lambda: policies.save_only_these_names(*QKV_NAMES),
+      modes.Remat.PROJ: lambda: policies.save_only_these_names(*PROJ_NAMES),
+      modes.Remat.PROJ_OFFLOAD: lambda: policies.save_and_offload_only_these_names(
+          names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJ_NAMES),
+          offload_src="device", offload_dst="pinned_host"),
+  }[modes.parse(modes.Remat, remat)]()
 
 
 def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1):
@@ -179,7 +194,7 @@ class DecoderBlock(nnx.Module):
       out = jnp.einsum("bld,dhk->blhk", y, w(getattr(self, name)))
       if getattr(self, name + "_bias") is not None:
         out = out + w(getattr(self, name + "_bias"))
-      return constrain(out, ("batch", "length", heads_axis, "head_dim"))
+      return checkpoint_name(constrain(out, ("batch", "length", heads_axis, "head_dim")), name + "_proj")
 
     q, k, v = project("q", "heads"), project("k", "kv_heads"), project("v", "kv_heads")
     scaling = dict(self.rope_scaling) if self.rope_scaling else None
@@ -188,9 +203,10 @@ class DecoderBlock(nnx.Module):
   def _rest(self, x, a, valid):
     """Attention output projection, then the MLP (or MoE): (x, MoE stats or None)."""
     w = lambda v: v[...].astype(self.dtype)
-    x = constrain(x + jnp.einsum("blhk,hkd->bld", a, w(self.o)), ("batch", "length", "embed"))
+    out = checkpoint_name(jnp.einsum("blhk,hkd->bld", a, w(self.o)), "attn_out")
+    x = constrain(x + out, ("batch", "length", "embed"))
 
-    y = self.mlp_norm(x)
+    y = checkpoint_name(self.mlp_norm(x), "mlp_in")
     if self.moe is not None:
       # Padding (segment 0) takes no expert capacity and no part in the routing statistics.
       y, stats = self.moe(y, valid=valid)
