@@ -168,13 +168,22 @@ def load_tokenizer_file(path: str):
   return tokenizer
 
 
-def check_vocab(config, tokenizer: Tokenizer) -> None:
-  """The model's embedding rows must cover the tokenizer's ids (exactly, for the built-in one)."""
+def vocab_error(config, tokenizer: Tokenizer) -> str | None:
+  """Why the model's embedding rows do not fit the tokenizer's ids, or None. A tokenizer file
+  may have fewer pieces than the embedding has rows (padded tables); the built-in one exactly as many."""
   want = config.model.llm.vocab_size
   external = bool(config.data.tokenizer)
   if want < tokenizer.vocab_size or (want != tokenizer.vocab_size and not external):
-    raise ValueError(f"config.model.llm.vocab_size={want} but the tokenizer has {tokenizer.vocab_size} pieces; "
-                     f"set --config.model.llm.vocab_size={tokenizer.vocab_size} or load a tokenizer of that size")
+    return (f"config.model.llm.vocab_size={want} but the tokenizer has {tokenizer.vocab_size} pieces; "
+            f"set --config.model.llm.vocab_size={tokenizer.vocab_size} or load a tokenizer of that size")
+  return None
+
+
+def check_vocab(config, tokenizer: Tokenizer) -> None:
+  """Raises vocab_error's reason, if any."""
+  error = vocab_error(config, tokenizer)
+  if error:
+    raise ValueError(error)
 
 
 def tokenizer_for_config(config, cache_dir: str | None = None, *, required: bool = True) -> Tokenizer | None:

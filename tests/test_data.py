@@ -16,6 +16,7 @@ import data_pipelines as dp
 from data_pipelines import mixture, packing, records
 from mm15_jax import batch as batch_lib
 from mm15_jax import configs
+from mm15_jax.train.config_checks import check_config
 
 K = 4  # tokens_per_tile of the tiny test config
 NUMBERS = re.compile(r"\[([\d, ]+)\]")
@@ -91,6 +92,10 @@ def test_vocab_mismatch_is_a_clear_error(tok):
   c.model.llm.vocab_size = 600
   with pytest.raises(ValueError, match="vocab_size=600"):
     dp.make_train_dataset(c, tok)
+  # The config check says the same, among the other config errors, before anything is built.
+  with pytest.raises(ValueError, match=rf"config\.model\.llm\.vocab_size=600 but the tokenizer has {tok.vocab_size} "
+                                       rf"pieces; set --config\.model\.llm\.vocab_size={tok.vocab_size}"):
+    check_config(c, tokenizer=tok, paths=False)
   with pytest.raises(ValueError, match="vocab_size"):
     dp.load_tokenizer(100_000)
 

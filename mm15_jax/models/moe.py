@@ -269,8 +269,7 @@ def moe_tokens(x, valid, weights, *, top_k: int, impl: str, capacity_factor: flo
   spec = lambda names: shd.logical_to_mesh(names, rules, mesh)
   batch_axes = _axes(spec(("batch",))[0])
   expert_axes = _axes(spec(("expert", "embed", "mlp"))[0])
-  ep = math.prod(mesh.shape[a] for a in expert_axes)
-  n_shards = math.prod(mesh.shape[a] for a in batch_axes)
+  ep, n_shards = shd.axis_size(expert_axes, mesh), shd.axis_size(batch_axes, mesh)
   if x.shape[0] % n_shards:
     if ep > 1 or not shd.lenient():
       # Training: running the layer unsharded would silently change the sharding plan.

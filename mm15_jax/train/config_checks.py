@@ -53,14 +53,8 @@ def check_config(config, mesh=None, tokenizer=None, paths: bool = True) -> None:
       errors.append(
           f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch do not split over the "
           f"{n} batch shards of mesh {dict(mesh.shape)}; use a multiple of {n}")
-  # A tokenizer file may have fewer pieces than the embedding has rows (padded tables);
-  # the built-in one exactly as many.
-  external = bool(config.data.tokenizer)
-  if tokenizer is not None and (tokenizer.vocab_size > llm.vocab_size or
-                                (tokenizer.vocab_size != llm.vocab_size and not external)):
-    errors.append(
-        f"model.llm.vocab_size={llm.vocab_size} but the tokenizer has {tokenizer.vocab_size} pieces; "
-        f"set --config.model.llm.vocab_size={tokenizer.vocab_size}")
+  vocab = tokenizer_lib.vocab_error(config, tokenizer) if tokenizer is not None else None
+  errors += [vocab] if vocab else []
   errors += range_errors(config)
   errors += init_path_errors(config) if paths else []
   errors += eval_and_profile_errors(config)
