@@ -91,8 +91,9 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
       # `interval`-th decoder layer is MoE; the Switch balancing and router z losses are
       # added to the training loss with these weights (docs/recipe.md, "Mixture of experts"), each averaged over the
       # MoE layers (not summed), so a weight means the same at any depth. expert_mlp_dim=0:
-      # the dense mlp_dim, which init.upcycle_from needs. impl: modes.MoeImpl.
-      moe=dict(num_experts=0, top_k=2, interval=2, expert_mlp_dim=0, impl="ragged", capacity_factor=1.25,
+      # the dense mlp_dim, which init.upcycle_from needs. impl: modes.MoeImpl ("auto": the
+      # megablox kernel on TPU, ragged_dot elsewhere).
+      moe=dict(num_experts=0, top_k=2, interval=2, expert_mlp_dim=0, impl="auto", capacity_factor=1.25,
                lb_loss_weight=0.01, z_loss_weight=0.001),
       dtype="bfloat16",  # compute dtype
       param_dtype="float32",  # master weights

@@ -36,7 +36,9 @@ class AttentionImpl(Mode):
 
 class MoeImpl(Mode):
   """model.moe.impl (models/moe.py)."""
-  RAGGED = "ragged"
+  AUTO = "auto"  # megablox on TPU, ragged elsewhere
+  RAGGED = "ragged"  # dropless, jax.lax.ragged_dot
+  MEGABLOX = "megablox"  # dropless, the Pallas grouped-matmul kernel (interpreted off TPU)
   CAPACITY = "capacity"
 
 

@@ -104,7 +104,7 @@ def test_import_config_and_check(mixtral):
   """The written experiment sets config.model.moe (dropless routing); `check` runs load_model's path."""
   model, hf_dir, ours_dir = mixtral
   config = configs.load_experiment(str(ours_dir / "config.py"))
-  want = dict(num_experts=EXPERTS, top_k=TOP_K, interval=1, expert_mlp_dim=48, impl="ragged")
+  want = dict(num_experts=EXPERTS, top_k=TOP_K, interval=1, expert_mlp_dim=48, impl="auto")
   assert {k: config.model.moe[k] for k in want} == want
   assert config.model.llm.n_kv_heads == 2 and config.init.llm_from == str(ours_dir)
   assert json.load(open(ours_dir / "import.json"))["config"]["moe"]["num_experts"] == EXPERTS

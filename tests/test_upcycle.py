@@ -25,8 +25,8 @@ EXPERTS = dict(data=1, fsdp=2, tensor=1, expert=4)  # 4 experts, one per expert 
 
 def moe_config(**overrides):
   # experiments/tiny_moe.py has experts half the dense FFN; upcycling copies the FFN, so its size.
-  # "ragged" is dropless; a "capacity" run equals the dense model only where nothing is dropped.
-  return tiny_config("tiny_moe.py", **{"model.moe.expert_mlp_dim": 0, "model.moe.impl": "ragged", **overrides})
+  # "auto" (ragged_dot here) is dropless; a "capacity" run equals the dense model only where nothing is dropped.
+  return tiny_config("tiny_moe.py", **{"model.moe.expert_mlp_dim": 0, "model.moe.impl": "auto", **overrides})
 
 
 def few_steps(config, steps):

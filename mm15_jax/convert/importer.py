@@ -172,7 +172,7 @@ def get_config(arg=""):
 def write_experiment(out_dir: str, kind: str, part: dict, source: str, tokenizer_file: str | None) -> str:
   part = dict(part)
   moe = part.pop("moe", None)  # a mixture-of-experts decoder's config.model.moe
-  moe_lines = ("  # Routed experts; impl 'ragged' drops no token, as the public model computes.\n"
+  moe_lines = ("  # Routed experts; impl 'auto' drops no token, as the public model computes.\n"
                f"  c.model.moe.update({moe!r})\n") if moe else ""
   if kind == "llm":
     tok = (f'os.path.join(HERE, "{os.path.basename(tokenizer_file)}")' if tokenizer_file else

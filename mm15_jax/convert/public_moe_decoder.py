@@ -16,7 +16,7 @@ published one.
 
 Routing computes the same: float32 logits, softmax over experts, top-k, the k weights
 renormalised to sum to 1. Mixtral renormalises with k = 1 too (weight 1) where our top-1 keeps the
-router probability (Switch), so num_experts_per_tok=1 is refused. An import sets moe.impl="ragged",
+router probability (Switch), so num_experts_per_tok=1 is refused. An import sets moe.impl="auto",
 dropless like Mixtral; "capacity" computes the same only while no assignment is dropped
 (capacity_factor >= num_experts / top_k guarantees it). router_jitter_noise only scales the MoE
 input by random factors while transformers trains: inference is unchanged and our training applies
@@ -74,7 +74,7 @@ def llm_config(hf: dict) -> dict:
     raise ValueError(f"config.json num_experts_per_tok={top_k} exceeds num_local_experts={experts}")
   llm = public_decoder.decoder_fields(hf)
   return dict(llm, moe=dict(num_experts=experts, top_k=top_k, interval=1, expert_mlp_dim=llm["mlp_dim"],
-                            impl=modes.MoeImpl.RAGGED.value))
+                            impl=modes.MoeImpl.AUTO.value))
 
 
 def layout_of(names) -> str:

@@ -1,12 +1,12 @@
 """Mixture-of-experts feed-forward layer: top-k router, SwiGLU experts, expert parallelism.
 
 `config.model.moe.impl` picks how tokens reach their experts:
+  "auto"      "megablox" on TPU, "ragged" elsewhere (the backend the program is compiled for)
   "ragged"    dropless: assignments sorted by expert, one grouped matmul (`jax.lax.ragged_dot`)
+  "megablox"  the same with the Pallas grouped-matmul kernel (models/grouped_matmul.py)
   "capacity"  each expert takes at most C = ceil(capacity_factor * tokens * top_k / experts)
               assignments per token shard (tokens: the shard's token slots, padding included);
               the rest are dropped (counted) and contribute zero
-`ragged_dot` lowers on every backend; on TPU the megablox grouped matmul (Pallas) would be faster
-(TODO: not wired; it would go in `_ffn_ragged`, guarded by `jax.default_backend() == "tpu"`).
 
 Routing: float32 logits, softmax over experts, top-k; with k > 1 the k weights are renormalised
 to sum to 1 (Mixtral); with k = 1 the raw probability is kept (Switch), so the router still
@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from mm15_jax import modes
 from mm15_jax import sharding as shd
+from mm15_jax.models.grouped_matmul import grouped_matmul, kernel_for
 
 
 def check_moe(moe_cfg, n_layers: int) -> None:
@@ -129,11 +130,12 @@ def finalize_stats(sums, top_k: int) -> dict:
 
 # ---------------------------------------------------------------- expert compute
 
-def _ffn_ragged(xs, sizes, w):
-  """xs: [M, d] sorted by local expert, sizes: int [E_loc] -> [M, d] (rows past sum(sizes) are 0)."""
-  g = jax.lax.ragged_dot(xs, w["gate"], sizes)
-  u = jax.lax.ragged_dot(xs, w["up"], sizes)
-  return jax.lax.ragged_dot(jax.nn.silu(g) * u, w["down"], sizes)
+def _ffn_ragged(xs, sizes, w, matmul):
+  """xs: [M, d] sorted by local expert, sizes: int [E_loc] -> [M, d] (rows past sum(sizes) are 0);
+  matmul: grouped_matmul with its kernel."""
+  g = matmul(xs, w["gate"], sizes)
+  u = matmul(xs, w["up"], sizes)
+  return matmul(jax.nn.silu(g) * u, w["down"], sizes)
 
 
 def _ffn_dense(xs, w):
@@ -178,7 +180,7 @@ def _capacity_path(x, experts, valid, w, num_experts, cap, exchange):
   return ys.reshape(t, k, d), dropped
 
 
-def _ragged_path(x, experts, w, num_experts, ep, axis):
+def _ragged_path(x, experts, w, num_experts, ep, axis, matmul):
   """Dropless: assignments sorted by expert, grouped matmul on each shard's local experts.
 
   With ep > 1 each shard sends to every other a padded block of T*k rows (the most it could
@@ -192,7 +194,7 @@ def _ragged_path(x, experts, w, num_experts, ep, axis):
   xs = x[order // k]  # [T*k, d] sorted by expert
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
   if ep == 1:
-    ys = _ffn_ragged(xs, sizes, w)
+    ys = _ffn_ragged(xs, sizes, w, matmul)
   else:
     e_loc, m = num_experts // ep, t * k
     shard = jnp.sort(flat) // e_loc  # destination shard of each sorted row
@@ -205,7 +207,7 @@ def _ragged_path(x, experts, w, num_experts, ep, axis):
     ends = jnp.cumsum(counts, axis=1)  # [ep, E_loc]
     local = jax.vmap(lambda e_: jnp.searchsorted(e_, jnp.arange(m), side="right"))(ends).reshape(-1)
     order2 = jnp.argsort(local, stable=True)
-    out = _ffn_ragged(recv.reshape(ep * m, d)[order2], counts.sum(0), w)
+    out = _ffn_ragged(recv.reshape(ep * m, d)[order2], counts.sum(0), w, matmul)
     out = jnp.zeros_like(out).at[order2].set(out)
     out = jnp.where((local < e_loc)[:, None], out, 0).reshape(ep, m, d)
     back = jax.lax.all_to_all(out, axis, 0, 0, tiled=True)  # [ep(dest), m, d]
@@ -213,8 +215,8 @@ def _ragged_path(x, experts, w, num_experts, ep, axis):
   return jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, d)
 
 
-def _local(x, valid, w, *, num_experts, top_k, impl, capacity_factor, ep=1, axis=None, batch_axes=None,
-           tensor_axes=None):
+def _local(x, valid, w, *, num_experts, top_k, impl, capacity_factor, platform, ep=1, axis=None,
+           batch_axes=None, tensor_axes=None):
   """One token shard's layer: x [T, d] -> (y [T, d], stat sums); the exchange runs when ep > 1."""
   logits, probs, weights, experts = route(x, w["router"], top_k)
   weights = weights * valid[:, None]
@@ -234,7 +236,9 @@ def _local(x, valid, w, *, num_experts, top_k, impl, capacity_factor, ep=1, axis
     cap = capacity(x.shape[0], top_k, num_experts, capacity_factor)
     ys, dropped = _capacity_path(x, experts, valid, w, num_experts, cap, exchange)
   else:
-    ys, dropped = _ragged_path(x, experts, w, num_experts, ep, axis), jnp.zeros((), jnp.int32)
+    kernel = kernel_for(impl, platform)
+    matmul = lambda a, b, s: grouped_matmul(a, b, s, kernel, platform)
+    ys, dropped = _ragged_path(x, experts, w, num_experts, ep, axis, matmul), jnp.zeros((), jnp.int32)
   y = jnp.einsum("tk,tkd->td", weights, ys.astype(jnp.float32))
   sums = stat_sums(logits, probs, experts, valid, dropped)
   if tensor_axes:
@@ -261,8 +265,10 @@ def moe_tokens(x, valid, weights, *, top_k: int, impl: str, capacity_factor: flo
   """x: [T, d] (compute dtype), valid: bool [T], weights: router f32 [d, E], gate/up [E, d, f],
   down [E, f, d] -> (y [T, d], stat sums). Sharded by the active rules, else one local call."""
   num_experts = weights["router"].shape[-1]
-  kw = dict(num_experts=num_experts, top_k=top_k, impl=impl, capacity_factor=capacity_factor)
   active = _active_mesh_and_rules()
+  # The backend compiled for: the mesh's (a CPU host planning a TPU pod), else the default one.
+  platform = active[0].devices.flat[0].platform if active else jax.default_backend()
+  kw = dict(num_experts=num_experts, top_k=top_k, impl=impl, capacity_factor=capacity_factor, platform=platform)
   if active is None:
     return _local(x, valid, weights, **kw)
   mesh, rules = active
@@ -294,7 +300,9 @@ def moe_tokens(x, valid, weights, *, top_k: int, impl: str, capacity_factor: flo
   fn = jax.shard_map(
       lambda x_, v_, w_: _local(x_, v_, w_, ep=ep, axis=expert_axes, batch_axes=batch_axes,
                                 tensor_axes=tensor_axes, **kw),
-      mesh=mesh, in_specs=(tok, tok, w_specs), out_specs=(tok, P()), check_vma=True)
+      # Pallas kernels carry no varying-axes types: shard_map cannot check them.
+      mesh=mesh, in_specs=(tok, tok, w_specs), out_specs=(tok, P()),
+      check_vma=kernel_for(impl, platform) != modes.MoeImpl.MEGABLOX)
   return fn(x, valid, weights)
 
 
