@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mm15_jax import configs
 from mm15_jax import sharding as shd
@@ -17,6 +18,7 @@ from mm15_jax.models import build
 from mm15_jax.models import moe as moe_lib
 from mm15_jax.models.llm import Decoder, upcycle_decoder_params
 from mm15_jax.models.mm15 import MM15
+from mm15_jax.plan import chips as chips_lib
 
 D, F, E = 16, 24, 8
 
@@ -221,6 +223,33 @@ def test_expert_parallel_equals_single_device(impl, axes, n):
     np.testing.assert_allclose(sn[k], s1[k], rtol=1e-5, atol=1e-7, err_msg=k)
   for k in ("router", "gate", "up", "down"):
     np.testing.assert_allclose(gn[k][...], g1[k][...], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_dropless_expert_parallel_for_tpu_sends_routed_rows_to_the_kernel():
+  """Lowered for a v5p slice (libtpu's topology, no TPU needed): impl "auto" exchanges rows with
+  ragged_all_to_all, gradients included, and runs the experts in the megablox kernel; the CPU
+  run above checks the same exchange, padded, against one device."""
+  layer = make_layer(impl="auto")
+  graphdef, params = nnx.split(layer, nnx.Param)
+  x, valid = inputs(b=8)
+  mesh = shd.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=4), devices=chips_lib.tpu_devices("v5p:2x2x1"))
+  shardings = build.param_shardings(build.logical_axes(params), nnx.to_pure_dict(params), mesh, configs.DEFAULT_RULES)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(params),
+                          shardings)
+  rows = NamedSharding(mesh, shd.logical_to_mesh(("batch", None, None), configs.DEFAULT_RULES, mesh))
+
+  def loss(p, x, v):
+    layer = nnx.merge(graphdef, nnx.State(p))
+    y, stats = layer(x, v)
+    return jnp.sum(y) + stats["lb_loss"]
+
+  with shd.use_rules(mesh, configs.DEFAULT_RULES):
+    text = jax.jit(jax.grad(loss)).lower(
+        abstract, jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows),
+        jax.ShapeDtypeStruct(valid.shape, valid.dtype, sharding=NamedSharding(mesh, P(*rows.spec[:2])))).as_text()
+  # Out and back in the forward pass, and the backward's transpose (a function both call).
+  assert text.count("custom_call @ragged_all_to_all") >= 3
+  assert "tpu_custom_call" in text  # the Pallas kernel, compiled for the TPU (not interpreted)
 
 
 def test_expert_parallel_capacity_is_per_token_shard():

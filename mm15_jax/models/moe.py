@@ -15,8 +15,10 @@ placed (in token order) before any second choice (GShard).
 
 Expert parallelism: when the logical "expert" axis maps to a mesh axis of size > 1, the layer
 runs in `jax.shard_map`, manual over every mesh axis. Tokens stay where the batch sharding put
-them; each token shard routes its own tokens and exchanges them with fixed-size padded
-`jax.lax.all_to_all` buffers over the expert axis, so each shard runs only its local experts.
+them; each token shard routes its own tokens and exchanges them over the expert axis, so each
+shard runs only its local experts: the dropless paths send only the routed rows
+(`jax.lax.ragged_all_to_all` on TPU and GPU; on CPU, which lacks it, the same exchange padded),
+the capacity path its fixed [experts, capacity] buffers (`jax.lax.all_to_all`).
 Expert weights enter gathered over their "embed" axes (FSDP's all-gather, done by shard_map's
 resharding) and split over their "mlp" axes (tensor parallelism: partial outputs summed).
 With one expert shard the same code runs without the exchange. Tokens that do not split over
@@ -180,38 +182,57 @@ def _capacity_path(x, experts, valid, w, num_experts, cap, exchange):
   return ys.reshape(t, k, d), dropped
 
 
-def _ragged_path(x, experts, w, num_experts, ep, axis, matmul):
+def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                             axis_name):
+  """`jax.lax.ragged_all_to_all`'s result (one slice per shard of `axis_name`) from a fixed-size
+  `all_to_all`, each slice padded to the longest one can be (neither operand nor output is
+  shorter). For backends without the collective (CPU)."""
+  rows = min(operand.shape[0], output.shape[0])
+  take = input_offsets[:, None] + jnp.arange(rows)[None]  # [ep, rows]
+  blocks = jnp.where((jnp.arange(rows)[None] < send_sizes[:, None])[..., None],
+                     operand.at[take].get(mode="fill", fill_value=0), 0)
+  got = jax.lax.all_to_all(blocks, axis_name, 0, 0, tiled=True)  # [ep(src), rows, d]
+  where = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # each source's offset here
+  place = jnp.where(jnp.arange(rows)[None] < recv_sizes[:, None], where[:, None] + jnp.arange(rows)[None],
+                    output.shape[0])
+  return output.at[place].set(got, mode="drop")
+
+
+def _ragged_path(x, experts, w, num_experts, ep, axis, matmul, all_to_all=None):
   """Dropless: assignments sorted by expert, grouped matmul on each shard's local experts.
 
-  With ep > 1 each shard sends to every other a padded block of T*k rows (the most it could
-  route there), as a fixed-size all_to_all; on GPU/TPU `jax.lax.ragged_all_to_all` would send
-  only the filled rows (not wired yet: TODO). Returns [T, k, d].
+  With ep > 1 the sorted rows go to the shards holding their experts and come back with a ragged
+  all-to-all (`all_to_all`: jax.lax.ragged_all_to_all on TPU and GPU, padded_ragged_all_to_all
+  on CPU): only routed rows cross the network. Each shard's receive buffer is sized for the
+  worst case (every shard routing all its rows here), as dropless routing can. Returns [T, k, d].
   """
   t, k = experts.shape
   d = x.shape[-1]
   flat = experts.reshape(-1)  # [T*k], token-major
   order = jnp.argsort(flat, stable=True)
-  xs = x[order // k]  # [T*k, d] sorted by expert
+  xs = x[order // k]  # [T*k, d] sorted by expert, so grouped by destination shard
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
   if ep == 1:
     ys = _ffn_ragged(xs, sizes, w, matmul)
   else:
     e_loc, m = num_experts // ep, t * k
-    shard = jnp.sort(flat) // e_loc  # destination shard of each sorted row
-    shard_sizes = sizes.reshape(ep, e_loc).sum(1)
-    rank = jnp.arange(m) - (jnp.cumsum(shard_sizes) - shard_sizes)[shard]  # row within its shard's block
-    send = jnp.zeros((ep, m, d), x.dtype).at[shard, rank].set(xs)
-    recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # [ep(src), m, d]
+    exclusive = lambda a, axis_=0: jnp.cumsum(a, axis=axis_) - a
+    sent = sizes.reshape(ep, e_loc).sum(1)  # rows to each shard [ep]
+    table = jax.lax.all_gather(sent, axis)  # [ep(src), ep(dst)]: every shard's sends
+    me = jax.lax.axis_index(axis)
+    got = table[:, me]  # rows from each source
+    # Here: each source's rows in source order, each block sorted by local expert.
+    recv = all_to_all(xs, jnp.zeros((ep * m, d), xs.dtype), exclusive(sent), sent,
+                      exclusive(table)[me], got, axis_name=axis)
     counts = jax.lax.all_to_all(sizes.reshape(ep, e_loc), axis, 0, 0, tiled=True)  # [ep(src), E_loc]
-    # Local expert of each received row (E_loc = unused row): rows of one source come grouped by expert.
-    ends = jnp.cumsum(counts, axis=1)  # [ep, E_loc]
-    local = jax.vmap(lambda e_: jnp.searchsorted(e_, jnp.arange(m), side="right"))(ends).reshape(-1)
+    group = jnp.searchsorted(jnp.cumsum(counts.reshape(-1)), jnp.arange(ep * m), side="right")
+    local = jnp.where(group < ep * e_loc, group % e_loc, e_loc)  # e_loc: an unused row
     order2 = jnp.argsort(local, stable=True)
-    out = _ffn_ragged(recv.reshape(ep * m, d)[order2], counts.sum(0), w, matmul)
-    out = jnp.zeros_like(out).at[order2].set(out)
-    out = jnp.where((local < e_loc)[:, None], out, 0).reshape(ep, m, d)
-    back = jax.lax.all_to_all(out, axis, 0, 0, tiled=True)  # [ep(dest), m, d]
-    ys = back[shard, rank]
+    out = _ffn_ragged(recv[order2], counts.sum(0), w, matmul)
+    out = jnp.where((local < e_loc)[:, None], jnp.zeros_like(out).at[order2].set(out), 0)
+    # Back to the sources, each block where it came from in their sorted rows.
+    ys = all_to_all(out, jnp.zeros((m, d), out.dtype), exclusive(got), got, exclusive(table, 1)[:, me], sent,
+                    axis_name=axis)
   return jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, d)
 
 
@@ -238,7 +259,8 @@ def _local(x, valid, w, *, num_experts, top_k, impl, capacity_factor, platform, 
   else:
     kernel = kernel_for(impl, platform)
     matmul = lambda a, b, s: grouped_matmul(a, b, s, kernel, platform)
-    ys, dropped = _ragged_path(x, experts, w, num_experts, ep, axis, matmul), jnp.zeros((), jnp.int32)
+    ragged = jax.lax.ragged_all_to_all if platform in ("tpu", "gpu") else padded_ragged_all_to_all
+    ys, dropped = _ragged_path(x, experts, w, num_experts, ep, axis, matmul, ragged), jnp.zeros((), jnp.int32)
   y = jnp.einsum("tk,tkd->td", weights, ys.astype(jnp.float32))
   sums = stat_sums(logits, probs, experts, valid, dropped)
   if tensor_axes:
