@@ -135,9 +135,11 @@ class Checkpointer:
     self.manager.close()
 
 
-def _restore_args(abstract):
-  """Read `abstract`'s tree onto the shardings its ShapeDtypeStructs carry."""
-  return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+def _restore_args(abstract, partial: bool = False):
+  """Read `abstract`'s tree onto the shardings its ShapeDtypeStructs carry (with `partial`, a
+  subtree of what is stored)."""
+  return ocp.args.PyTreeRestore(item=abstract, partial_restore=partial,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def latest_step(directory: str) -> int | None:
@@ -222,9 +224,7 @@ def _restore_parts(path: str, abstract_params: dict, parts, grids: dict | None =
                        "import's config.py)")
     # Read each resized grid at its stored shape (same sharding: only [h, w] differ), then resize.
     read_target = _with_shapes(target, resized)
-    args = ocp.args.PyTreeRestore(item=read_target, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(read_target))
-    params = manager.restore(step, args=ocp.args.Composite(params=args))["params"]
+    params = manager.restore(step, args=ocp.args.Composite(params=_restore_args(read_target, partial=True)))["params"]
   params = _resize_grids(params, target, resized, grids)
   for key, shape in resized.items() if report is not None else ():
     report(f"{key}: position grid resized {shape[0]}x{shape[1]} -> {want[key][0]}x{want[key][1]} "

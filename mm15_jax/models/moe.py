@@ -198,7 +198,7 @@ def padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_
   return output.at[place].set(got, mode="drop")
 
 
-def _ragged_path(x, experts, w, num_experts, ep, axis, matmul, all_to_all=None):
+def _ragged_path(x, experts, w, num_experts, ep, axis, matmul, all_to_all):
   """Dropless: assignments sorted by expert, grouped matmul on each shard's local experts.
 
   With ep > 1 the sorted rows go to the shards holding their experts and come back with a ragged
