@@ -112,6 +112,58 @@ def test_flops_count_every_chunk_of_the_fused_loss(v5p_report):
 
 
 @needs_libtpu
+def test_moe_plans_count_the_routed_rows_not_the_worst_case_buffer():
+  """Dropless MoE with expert parallelism: each chip's grouped-matmul buffer holds every chip's rows
+  (the worst case) and the kernel's cost estimate, which XLA adds up, is sized by it. The plan
+  counts the rows routed there, so the step's FLOPs match the same model without expert
+  parallelism (where the buffer is exactly the routed rows), not 4x its expert work."""
+  def moe_plan(**mesh):
+    c = configs.load_experiment(os.path.join(ROOT, "experiments", "tiny_moe.py"))
+    c.train.batch_size = 8
+    c.mesh.update(mesh)
+    assert c.model.moe.impl == "auto"  # megablox on TPU
+    return estimate.plan(c, chips_lib.tpu_devices("v5p:2x2x1"), chips_lib.tpu_chip("v5p:2x2x1"), "v5p:2x2x1",
+                         keep={"mesh.data", "mesh.expert"})
+
+  no_ep, ep = moe_plan(data=4, expert=1), moe_plan(data=1, expert=4)
+  assert no_ep["mesh"]["expert"] == 1 and ep["mesh"]["expert"] == 4
+  kernels = [n for n in ep["notes"] if "never computed" in n]
+  assert kernels and not [n for n in no_ep["notes"] if "never computed" in n]
+  # As compiled, XLA counts the expert-parallel step's kernels on 4x the rows: far more FLOPs ...
+  assert ep["xla_as_reported"]["flops_per_chip"] > 1.5 * no_ep["xla_as_reported"]["flops_per_chip"]
+  # ... the plan the same work (the exchange's sort and scatter over the larger buffer: a little more).
+  assert ep["flops_per_step"] == pytest.approx(no_ep["flops_per_step"], rel=0.03)
+  assert ep["model_flops_per_step"] == no_ep["model_flops_per_step"]
+
+
+def test_grouped_matmul_flops_follow_the_call_graph():
+  """A kernel in a function called from three places runs three times; only megablox's count."""
+  def kernel(flops):  # as Pallas writes its backend config into the lowered module
+    return ('%k = stablehlo.custom_call @tpu_custom_call(%a) {backend_config = "{\\22cost_estimate\\22: '
+            f'{{\\0A\\22bytes_accessed\\22:10,\\0A\\22flops\\22:{flops},\\0A\\22transcendentals\\22:0}}}}"}}')
+  text = "\n".join([
+      "module @jit_step {",
+      "  func.func public @main(%arg0: tensor<4xf32>) -> tensor<4xf32> {",
+      "    %0 = call @gmm(%arg0) : x", "    %1 = call @gmm(%0) : x", "    %2 = func.call @tgmm(%1) : x",
+      "    %3 = call @attention(%2) : x", "    %4 = call @gmm(%3) : x",
+      "  }",
+      "  func.func private @gmm(%arg0: tensor<4xf32>) -> tensor<4xf32> {",
+      "    %0 = call @helper(%arg0) : x", "    " + kernel(100),
+      "  }",
+      "  func.func private @tgmm(%arg0: tensor<4xf32>) -> tensor<4xf32> {",
+      "    " + kernel(7),
+      "  }",
+      "  func.func private @helper(%arg0: tensor<4xf32>) -> tensor<4xf32> {",
+      "    " + kernel(1000),  # inside gmm: megablox's too
+      "  }",
+      "  func.func private @attention(%arg0: tensor<4xf32>) -> tensor<4xf32> {",
+      "    " + kernel(50000),  # another Pallas kernel: its estimate is its own business
+      "  }",
+      "}"])
+  assert estimate.grouped_matmul_flops(text) == 3 * (100 + 1000) + 7
+
+
+@needs_libtpu
 def test_cli_json_and_a_case_that_does_not_fit(capsys):
   argv = ["plan", f"--config={TINY}", "--config.train.batch_size=4", "--topology=v5e:2x2",
           "--device_memory_gib=0.01", "--noprobe", "--json"]

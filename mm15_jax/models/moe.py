@@ -276,6 +276,11 @@ def _axes(entry) -> tuple:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def expert_mesh_axes(mesh, rules) -> tuple:
+  """The mesh axes the experts are split over (expert parallelism: their sizes' product)."""
+  return _axes(shd.logical_to_mesh(("expert", "embed", "mlp"), rules, mesh)[0])
+
+
 def _active_mesh_and_rules():
   """(mesh, rules) of the active `sharding.use_rules` (active at trace time in training and
   inference), else None."""
@@ -296,7 +301,7 @@ def moe_tokens(x, valid, weights, *, top_k: int, impl: str, capacity_factor: flo
   mesh, rules = active
   spec = lambda names: shd.logical_to_mesh(names, rules, mesh)
   batch_axes = _axes(spec(("batch",))[0])
-  expert_axes = _axes(spec(("expert", "embed", "mlp"))[0])
+  expert_axes = expert_mesh_axes(mesh, rules)
   ep, n_shards = shd.axis_size(expert_axes, mesh), shd.axis_size(batch_axes, mesh)
   if x.shape[0] % n_shards:
     if ep > 1 or not shd.lenient():

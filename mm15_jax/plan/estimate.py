@@ -48,6 +48,56 @@ def out_of_memory_bytes(message: str) -> float | None:
   return float(match.group(1) or match.group(2)) * GiB if match else None
 
 
+# The lowered module's functions, the calls in each, and the cost estimates Pallas TPU kernels
+# carry in their backend config (which XLA's cost analysis adds up as they say).
+_FUNCTION = re.compile(r"^  func\.func (?:public |private )?@([\w.$-]+)\(", re.M)
+_CALL = re.compile(r"\bcall @([\w.$-]+)\(")
+_KERNEL_FLOPS = re.compile(r"\\22cost_estimate\\22: \{[^}]*?\\22flops\\22:\s*(\d+)")
+# megablox's entry points (jitted, so each is one function of the module, gmm_N for variants).
+_GROUPED_MATMUL = re.compile(r"t?gmm(_\d+)?")
+
+
+def grouped_matmul_flops(lowered_text: str) -> float:
+  """FLOPs the grouped-matmul kernels' own estimates give XLA for one run of the lowered module.
+
+  The module is a call graph (a function called from three places runs three times); a loop's
+  body is counted once, as XLA's cost analysis counts it.
+  """
+  starts = [(m.group(1), m.start()) for m in _FUNCTION.finditer(lowered_text)]
+  bodies = {name: lowered_text[start:end] for (name, start), (_, end) in
+            zip(starts, starts[1:] + [("", len(lowered_text))])}
+  memo = {}
+
+  def total(name: str, inside: bool) -> float:
+    inside = inside or bool(_GROUPED_MATMUL.fullmatch(name))
+    if (name, inside) not in memo:
+      body = bodies.get(name, "")
+      own = sum(float(f) for f in _KERNEL_FLOPS.findall(body)) if inside else 0.0
+      memo[name, inside] = own + sum(total(callee, inside) for callee in _CALL.findall(body))
+    return memo[name, inside]
+
+  return total("main", False)
+
+
+def routed_rows_overcount(lowered_text: str, config, mesh) -> float:
+  """FLOPs XLA counts for rows the dropless MoE's grouped matmul never computes.
+
+  With expert parallelism each shard's receive buffer holds the worst case, every shard's rows
+  (models/moe.py `_ragged_path`), and the kernel's cost estimate is sized by the buffer, while
+  its grid only visits the rows routed there: ep x the work under balanced routing. Counted
+  here as (1 - 1/ep) of the kernels' FLOPs (README, "Planning a pod").
+  """
+  from mm15_jax import sharding as shd
+  from mm15_jax.models.moe import expert_mesh_axes
+
+  if not config.model.moe.num_experts:
+    return 0.0
+  ep = shd.axis_size(expert_mesh_axes(mesh, config.sharding_rules), mesh)
+  if ep == 1:
+    return 0.0
+  return grouped_matmul_flops(lowered_text) * (1 - 1 / ep)
+
+
 def _costs(compiled) -> dict:
   costs = compiled.cost_analysis()
   costs = costs[0] if isinstance(costs, (list, tuple)) else costs  # older jax: one dict per program
@@ -89,7 +139,8 @@ def layer_model_flops(config, setup) -> tuple[float, float]:
 def probe_flops(config, mesh, setup, scanned_flops: float) -> float:
   """Per-chip FLOPs of the whole step with every layer counted.
 
-  `scanned_flops` is XLA's count for the step as compiled: each layer stack's loop body once. A
+  `scanned_flops` is XLA's count for the step as compiled: each layer stack's loop body once
+  (less the grouped-matmul rows never computed: `routed_rows_overcount`, for the probe too). A
   probe with `scan_unroll=2` (and 4 layers per stack, so both stay loops and remat is not undone
   by CSE) counts each body twice: the difference is one decoder unit plus one encoder layer. The
   layers left out are added in that unit, split between the stacks as their model FLOPs are.
@@ -101,7 +152,9 @@ def probe_flops(config, mesh, setup, scanned_flops: float) -> float:
   probe.model.llm.n_layers = 4 * (moe.interval if moe.num_experts else 1)
   probe.model.vit.depth = 4
   probe.model.scan_unroll = 2
-  doubled = _costs(compile_step(probe, mesh)[1])["flops"]
+  probe_lowered = lower_step(probe, mesh)[1]
+  doubled = _costs(compile_lowered(probe_lowered, mesh))["flops"] - routed_rows_overcount(
+      probe_lowered.as_text(), config, mesh)
   llm_unit, vit_layer = layer_model_flops(config, setup)
   units, depth = layer_units(config)
   left_out = ((units - 1) * llm_unit + (depth - 1) * vit_layer) / (llm_unit + vit_layer)
@@ -177,7 +230,12 @@ def plan(config, devices, chip: Chip, label: str, probe: bool = True, name: str 
     return dict(report, flops_per_step=None, estimated_step_s=None, estimated_mfu=None)
   if moe.num_experts and moe.interval > 2:
     notes.append("MoE interval > 2 nests a scan in each scanned group: the probe's FLOPs are approximate")
-  flops = probe_flops(config, mesh, setup, raw["flops"])
+  # XLA counts the dropless MoE kernels' worst-case rows; the step computes the routed ones. The
+  # cost model's seconds per FLOP below then apply to the FLOPs computed.
+  overcount = routed_rows_overcount(lowered.as_text(), config, mesh)
+  if overcount:
+    notes.append(f"grouped-matmul rows never computed, not counted: {overcount:.3g} FLOPs per chip as compiled")
+  flops = probe_flops(config, mesh, setup, raw["flops"] - overcount)
   if raw["seconds"] >= raw["flops"] / chip.peak_flops:  # the cost model's seconds per FLOP, for every FLOP
     # ... except the fused loss's left-out chunks: dense matmuls, at the chip's peak (an average
     # rate that counts norms and softmaxes would make them, and so the loss chunking, look slow).

@@ -29,6 +29,10 @@ What the report counts:
                    split between the stacks by their model FLOPs (`probe_flops`). With remat the
                    compiled count includes the recomputation; the model count (train/flops.py, 6N +
                    attention) does not. `--noprobe` saves that compile and reports memory only.
+                   Dropless MoE with expert parallelism: the megablox kernel's own estimate, which
+                   XLA adds up, is sized by the worst-case receive buffer (every chip's rows); its
+                   grid visits only the rows routed there, so (1 - 1/ep) of it is taken out
+                   (`routed_rows_overcount`: balanced routing).
   step time        XLA's TPU cost model (`optimal_seconds`) of the step as compiled, scaled by
                    compiled FLOPs / the FLOPs it counted: its seconds per FLOP, applied to the layers
                    it left out (the fused loss's left-out chunks, dense matmuls, at the chip's
