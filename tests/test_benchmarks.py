@@ -2,6 +2,7 @@
 the compiled step, and the checkpoint benchmark's round trip and page-cache probe."""
 
 import importlib.util
+import json
 import os
 
 import jax
@@ -52,3 +53,32 @@ def test_checkpoint_benchmark_round_trip(tmp_path):
   path.write_bytes(os.urandom(1 << 20))
   path.read_bytes()
   assert ckpt_io.cached_fraction([str(path)]) == 1.0  # just read: every page cached
+
+
+def test_maxtext_peer_alternates_the_two_and_reads_maxtexts_step_log(tmp_path, monkeypatch, capsys):
+  """The peer comparison with a stand-in for MaxText's trainer (the real one needs its own
+  environment): its per-step log is read from step 2 on, each side's median over rounds is
+  compared, and the two run alternately."""
+  peer = load("maxtext_peer")
+  fake = tmp_path / "python"
+  # MaxText's metric lines; steps 0 and 1 only dispatch work (times far too small).
+  fake.write_text("#!/bin/sh\necho 'I1206 metric_logger.py:265] completed step: 0, seconds: 0.070, TFLOP/s/device: 4.5'\n"
+                  "echo 'completed step: 1, seconds: 0.385, Tokens/s/device: 10633.9'\n"
+                  "echo 'completed step: 2, seconds: 4.000, Tokens/s/device: 1024.0' >&2\n"
+                  "echo 'completed step: 3, seconds: 2.000, Tokens/s/device: 2048.0'\n")
+  fake.chmod(0o755)
+  order, ours_speeds = [], iter([1500.0, 900.0, 1600.0])
+  monkeypatch.setattr(peer, "maxtext_base_config", lambda python: "/x/base.yml")
+  monkeypatch.setattr(peer, "ours", lambda steps, chunk: order.append("ours") or next(ours_speeds))
+  real = peer.maxtext
+  monkeypatch.setattr(peer, "maxtext", lambda *a: order.append("maxtext") or real(*a))
+  peer.main([f"--maxtext_python={fake}", "--rounds=3", "--steps=2"])
+  assert order == ["ours", "maxtext"] * 3
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  maxtext_speed = 8 * 512 / 3.0  # mean of steps 2 and 3
+  assert summary["maxtext_median_tokens_per_s"] == maxtext_speed
+  assert summary["ours_median_tokens_per_s"] == 1500.0
+  assert summary["ratio"] == 1500.0 / maxtext_speed
+  cmd = peer.maxtext_command(str(fake), 6, "none", str(tmp_path))
+  assert cmd[1:4] == ["-m", "maxtext.trainers.pre_train.train", "/x/base.yml"]
+  assert "steps=8" in cmd and "remat_policy=none" in cmd and "base_emb_dim=256" in cmd and "dtype=float32" in cmd
