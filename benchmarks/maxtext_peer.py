@@ -81,7 +81,8 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
   parser.add_argument("--maxtext_remat", default="none", help="MaxText's remat_policy (ours: none)")
-  parser.add_argument("--loss_chunk", type=int, default=None, help="our config.train.loss_chunk (default: the config's)")
+  parser.add_argument("--loss_chunk", type=int, default=None,
+                      help="our config.train.loss_chunk (default: the config's)")
   parser.add_argument("--workdir", default="/tmp/maxtext_peer")
   args = parser.parse_args(argv)
 

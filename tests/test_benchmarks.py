@@ -62,7 +62,8 @@ def test_maxtext_peer_alternates_the_two_and_reads_maxtexts_step_log(tmp_path, m
   peer = load("maxtext_peer")
   fake = tmp_path / "python"
   # MaxText's metric lines; steps 0 and 1 only dispatch work (times far too small).
-  fake.write_text("#!/bin/sh\necho 'I1206 metric_logger.py:265] completed step: 0, seconds: 0.070, TFLOP/s/device: 4.5'\n"
+  fake.write_text("#!/bin/sh\n"
+                  "echo 'I1206 metric_logger.py:265] completed step: 0, seconds: 0.070, TFLOP/s/device: 4.5'\n"
                   "echo 'completed step: 1, seconds: 0.385, Tokens/s/device: 10633.9'\n"
                   "echo 'completed step: 2, seconds: 4.000, Tokens/s/device: 1024.0' >&2\n"
                   "echo 'completed step: 3, seconds: 2.000, Tokens/s/device: 2048.0'\n")
