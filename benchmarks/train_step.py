@@ -114,7 +114,8 @@ def main():
   parser.add_argument("--preset", default="maxtext_cpu", choices=sorted(PRESETS))
   parser.add_argument("--attention", default="xla", choices=modes.values(modes.AttentionImpl))
   parser.add_argument("--remat", default=None, choices=(None,) + modes.values(modes.Remat))
-  parser.add_argument("--scan_unroll", type=int, default=1)
+  parser.add_argument("--scan_unroll", type=int, default=None,
+                      help="config.model.scan_unroll (default: the config's, 0: auto, every layer on CPU)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=0)
   parser.add_argument("--loss_chunk", type=int, default=None,
@@ -128,7 +129,8 @@ def main():
   config = make_config(PRESETS[args.preset], args.attention, args.remat)
   if args.batch:
     config.train.batch_size = args.batch
-  config.model.scan_unroll = args.scan_unroll
+  if args.scan_unroll is not None:
+    config.model.scan_unroll = args.scan_unroll
   if args.loss_chunk is not None:
     config.train.loss_chunk = args.loss_chunk
   mesh = shd.make_mesh(config.mesh)
@@ -165,7 +167,7 @@ def main():
   peak = measured_peak * (1 if on_cpu else n_dev)
   result = dict(
       preset=args.preset, device=jax.devices()[0].device_kind, devices=n_dev, backend=jax.default_backend(),
-      attention=args.attention, remat=config.model.remat, scan_unroll=args.scan_unroll,
+      attention=args.attention, remat=config.model.remat, scan_unroll=config.model.scan_unroll,
       loss_chunk=config.train.loss_chunk, dtype=config.model.dtype,
       params=counts["total"], batch=config.train.batch_size, seq=config.data.seq_len,
       step_s=seconds, tokens_per_s=tokens / seconds, compile_s=compile_s,

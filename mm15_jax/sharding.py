@@ -237,6 +237,13 @@ def active_mesh() -> Mesh | None:
   return None if active is None else active[0]
 
 
+def compile_platform() -> str:
+  """The backend the traced program is for: the active mesh's (a CPU host planning a TPU pod
+  traces for TPU devices), else the default backend."""
+  mesh = active_mesh()
+  return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
 def active_rules() -> tuple:
   active = getattr(_context, "value", None)
   return () if active is None else active[1]

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mm15_jax import modes
+from mm15_jax.models.dense import dense
 from mm15_jax.models.llm import dense_init, param
 from mm15_jax.models.vit import LayerNorm, resize_pos_embedding, sincos_init
 from mm15_jax.sharding import constrain
@@ -68,7 +69,7 @@ class Bottleneck(nnx.Module):
   def __call__(self, x):
     # x: [n, h, w, c_in]
     w = lambda v: v[...].astype(self.dtype)
-    y = jax.nn.silu(self.norm1(jnp.einsum("nhwc,cd->nhwd", x, w(self.conv1))))
+    y = jax.nn.silu(self.norm1(dense(x, w(self.conv1))))
     kernel = w(self.conv2)[:, :, None, :]  # HWIO with one input channel per group: depthwise
     y = jax.lax.conv_general_dilated(y, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      feature_group_count=y.shape[-1])
@@ -76,9 +77,9 @@ class Bottleneck(nnx.Module):
     s = y.mean(axis=(1, 2))  # squeeze-excite: [n, b]
     s = jax.nn.silu(s @ w(self.se_fc1) + w(self.se_fc1_bias))
     y = y * jax.nn.sigmoid(s @ w(self.se_fc2) + w(self.se_fc2_bias))[:, None, None, :]
-    y = self.norm3(jnp.einsum("nhwc,cd->nhwd", y, w(self.conv3)))
+    y = self.norm3(dense(y, w(self.conv3)))
     if self.shortcut is not None:
-      x = self.shortcut_norm(jnp.einsum("nhwc,cd->nhwd", x, w(self.shortcut)))
+      x = self.shortcut_norm(dense(x, w(self.shortcut)))
     return jax.nn.silu(x + y)
 
 

@@ -23,7 +23,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mm15_jax import modes
+from mm15_jax import sharding as shd
 from mm15_jax.models.attention import attention, check_impl, decode_attention
+from mm15_jax.models.dense import dense
 from mm15_jax.models.moe import MoE, check_moe, moe_settings, upcycle_dense_mlp
 from mm15_jax.sharding import constrain
 
@@ -76,6 +78,23 @@ def remat_policy(remat: str):
   }[modes.parse(modes.Remat, remat)]()
 
 
+# model.scan_unroll=0 (auto) unrolls stacks up to this depth on CPU: XLA:CPU runs a scanned layer
+# loop ~10% slower than the same layers unrolled (benchmarks/RESULTS.md, "Train step, CPU").
+CPU_UNROLL_MAX_LAYERS = 16
+
+
+def layer_unroll(unroll: int, layers: int) -> int:
+  """Layers per scan iteration for `model.scan_unroll`: as set, or for 0 (auto) every layer when
+  compiling for CPU and the stack is at most CPU_UNROLL_MAX_LAYERS deep, else one."""
+  if unroll:
+    return unroll
+  return layers if shd.compile_platform() == "cpu" and layers <= CPU_UNROLL_MAX_LAYERS else 1
+
+
+def _depth(state) -> int:
+  return jax.tree.leaves(state)[0].shape[0]
+
+
 def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1):
   """Runs stacked `layers` over `x` with `jax.lax.scan`: compile time does not grow with depth.
 
@@ -83,7 +102,7 @@ def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1):
   are the same for every layer. Returns (x, stats stacked over layers, or None). A plain
   `jax.lax.scan` over the split state (rather than `nnx.scan`) also works when the module is
   closed over by `jax.jit`, as inference code tends to do. `unroll` > 1 trades compile time
-  for speed where loop overhead shows (CPUs).
+  for speed where loop overhead shows (CPUs); 0 is `layer_unroll`'s auto.
   """
   graphdef, state = nnx.split(layers)
 
@@ -92,7 +111,7 @@ def scan_layers(layers, x, *args, remat: str = "none", unroll: int = 1):
 
   if modes.parse(modes.Remat, remat) != modes.Remat.NONE:
     body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-  return jax.lax.scan(body, x, state, unroll=unroll)
+  return jax.lax.scan(body, x, state, unroll=layer_unroll(unroll, _depth(state)))
 
 
 def scan_blocks(layers, x, fn, xs=None, unroll: int = 1):
@@ -104,7 +123,7 @@ def scan_blocks(layers, x, fn, xs=None, unroll: int = 1):
     layer_state, xs_l = inputs
     return fn(nnx.merge(graphdef, layer_state), x, xs_l)
 
-  return jax.lax.scan(body, x, (state, xs), unroll=unroll)
+  return jax.lax.scan(body, x, (state, xs), unroll=layer_unroll(unroll, _depth(state)))
 
 
 class RMSNorm(nnx.Module):
@@ -191,7 +210,7 @@ class DecoderBlock(nnx.Module):
     y = self.attn_norm(x)
 
     def project(name, heads_axis):
-      out = jnp.einsum("bld,dhk->blhk", y, w(getattr(self, name)))
+      out = dense(y, w(getattr(self, name)))
       if getattr(self, name + "_bias") is not None:
         out = out + w(getattr(self, name + "_bias"))
       return checkpoint_name(constrain(out, ("batch", "length", heads_axis, "head_dim")), name + "_proj")
@@ -203,7 +222,7 @@ class DecoderBlock(nnx.Module):
   def _rest(self, x, a, valid):
     """Attention output projection, then the MLP (or MoE): (x, MoE stats or None)."""
     w = lambda v: v[...].astype(self.dtype)
-    out = checkpoint_name(jnp.einsum("blhk,hkd->bld", a, w(self.o)), "attn_out")
+    out = checkpoint_name(dense(a, w(self.o), contract=2), "attn_out")
     x = constrain(x + out, ("batch", "length", "embed"))
 
     y = checkpoint_name(self.mlp_norm(x), "mlp_in")
@@ -211,10 +230,9 @@ class DecoderBlock(nnx.Module):
       # Padding (segment 0) takes no expert capacity and no part in the routing statistics.
       y, stats = self.moe(y, valid=valid)
       return constrain(x + y, ("batch", "length", "embed")), stats
-    g = jnp.einsum("bld,df->blf", y, w(self.gate))
-    u = jnp.einsum("bld,df->blf", y, w(self.up))
+    g, u = dense(y, w(self.gate)), dense(y, w(self.up))
     hidden = constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
-    x = constrain(x + jnp.einsum("blf,fd->bld", hidden, w(self.down)), ("batch", "length", "embed"))
+    x = constrain(x + dense(hidden, w(self.down)), ("batch", "length", "embed"))
     return x, None
 
   def _self_attention(self, q, k, v, segment_ids):
@@ -355,7 +373,7 @@ class Decoder(nnx.Module):
 
   def logits(self, hidden):
     """The LM head alone: the final norm's output [batch, length, embed] -> float32 [batch, length, vocab]."""
-    logits = jnp.einsum("bld,dv->blv", hidden, self.head_weight(), preferred_element_type=jnp.float32)
+    logits = dense(hidden, self.head_weight(), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
 
   def _blocks(self, x, fn, cache=None):

@@ -293,8 +293,7 @@ def moe_tokens(x, valid, weights, *, top_k: int, impl: str, capacity_factor: flo
   down [E, f, d] -> (y [T, d], stat sums). Sharded by the active rules, else one local call."""
   num_experts = weights["router"].shape[-1]
   active = _active_mesh_and_rules()
-  # The backend compiled for: the mesh's (a CPU host planning a TPU pod), else the default one.
-  platform = active[0].devices.flat[0].platform if active else jax.default_backend()
+  platform = shd.compile_platform()
   kw = dict(num_experts=num_experts, top_k=top_k, impl=impl, capacity_factor=capacity_factor, platform=platform)
   if active is None:
     return _local(x, valid, weights, **kw)

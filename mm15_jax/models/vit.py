@@ -13,6 +13,7 @@ from flax import nnx
 
 from mm15_jax import modes
 from mm15_jax.models.attention import attention, check_impl
+from mm15_jax.models.dense import dense
 from mm15_jax.models.llm import dense_init, param, remat_policy, scan_layers, stack_layers
 from mm15_jax.sharding import constrain
 
@@ -134,19 +135,19 @@ class ViTBlock(nnx.Module):
     # x: [n, tokens, width]; segment_ids: all ones [n, tokens] (every token sees every token).
     w = lambda v: v[...].astype(self.dtype)
     heads, hd = self.q.shape[1], self.q.shape[2]
-    proj = lambda y, k, b: jnp.einsum("bld,dhk->blhk", y, w(k)) + w(b).reshape(heads, hd)
+    proj = lambda y, k, b: dense(y, w(k)) + w(b).reshape(heads, hd)
     y = self.ln_1(x)
     q = constrain(proj(y, self.q, self.q_bias), ("batch", "length", "heads", "head_dim"))
     k = constrain(proj(y, self.k, self.k_bias), ("batch", "length", "heads", "head_dim"))
     v = constrain(proj(y, self.v, self.v_bias), ("batch", "length", "heads", "head_dim"))
     a = attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=False,
                   impl=self.attention_impl)
-    x = x + jnp.einsum("blhk,hkd->bld", a, w(self.o)) + w(self.o_bias)
+    x = x + dense(a, w(self.o), contract=2) + w(self.o_bias)
     x = constrain(x, ("batch", "length", "embed"))
     y = self.ln_2(x)
-    hidden = self.act(jnp.einsum("bld,df->blf", y, w(self.fc1)) + w(self.fc1_bias))
+    hidden = self.act(dense(y, w(self.fc1)) + w(self.fc1_bias))
     hidden = constrain(hidden, ("batch", "length", "mlp"))
-    x = x + jnp.einsum("blf,fd->bld", hidden, w(self.fc2)) + w(self.fc2_bias)
+    x = x + dense(hidden, w(self.fc2)) + w(self.fc2_bias)
     return constrain(x, ("batch", "length", "embed")), None  # no per-layer statistics (scan_layers)
 
 
@@ -194,7 +195,7 @@ class VisionTransformer(nnx.Module):
     gh, gw = h // p, w // p
     # Non-overlapping patches: [n, gh, gw, p, p, 3] -> [n, gh, gw, width].
     patches = images.astype(self.dtype).reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = jnp.einsum("nhwpqc,pqcd->nhwd", patches, self.patch_embedding[...].astype(self.dtype))
+    x = dense(patches, self.patch_embedding[...].astype(self.dtype), contract=3)
     if self.patch_bias is not None:
       x = x + self.patch_bias[...].astype(self.dtype)
     x = x + resize_pos_embedding(self.pos_embedding[...], gh, gw, self.pos_resize).astype(self.dtype)

@@ -18,6 +18,11 @@ def lower_step(config, mesh):
   from mm15_jax.train.config_checks import check_config
 
   check_config(config, mesh, paths=False)  # a plan reads no checkpoint
+  if not config.model.scan_unroll:
+    # The FLOP count needs each stack to stay one loop (probe_flops), and auto would unroll
+    # on the simulated CPU devices a GPU plan compiles for.
+    config = config.copy_and_resolve_references()
+    config.model.scan_unroll = 1
   setup = state_lib.make_setup(config, mesh)
   batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding(len(shape)))
            for name, (shape, dtype) in batch_lib.shapes_for_config(config).items()}
