@@ -49,8 +49,8 @@ def maxtext_base_config(python: str) -> str:
                          "'configs', 'base.yml'))"], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def maxtext_command(python: str, steps: int, remat: str, workdir: str) -> list[str]:
-  config = maxtext_base_config(python)
+def maxtext_command(python: str, config: str, steps: int, remat: str, workdir: str) -> list[str]:
+  """`config`: MaxText's base.yml (`maxtext_base_config`)."""
   settings = dict(MAXTEXT_MODEL, run_name="peer", base_output_directory=workdir, hardware="cpu",
                   skip_jax_distributed_system="true", dataset_type="synthetic", enable_checkpointing="false",
                   async_checkpointing="false", eval_interval=-1, enable_tensorboard="false", remat_policy=remat,
@@ -63,11 +63,12 @@ def maxtext_step_seconds(log: str) -> list[float]:
   return [float(s) for i, s in _MAXTEXT_STEP.findall(log) if int(i) >= 2]
 
 
-def maxtext(python: str, steps: int, remat: str, workdir: str) -> float:
+def maxtext(python: str, config: str, steps: int, remat: str, workdir: str) -> float:
   """Tokens/s of MaxText's train step on the same decoder in a fresh process."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", DECOUPLE_GCLOUD="TRUE")
   env.pop("XLA_FLAGS", None)  # one CPU device, as ours
-  out = subprocess.run(maxtext_command(python, steps, remat, workdir), capture_output=True, text=True, env=env)
+  out = subprocess.run(maxtext_command(python, config, steps, remat, workdir), capture_output=True, text=True,
+                       env=env)
   seconds = maxtext_step_seconds(out.stdout + out.stderr)
   if out.returncode or not seconds:
     raise RuntimeError(f"MaxText run failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-3000:]}")
@@ -87,11 +88,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   runs = {"ours": [], "maxtext": []}
+  config = maxtext_base_config(args.maxtext_python) if args.maxtext_python else ""
   for r in range(args.rounds):
     runs["ours"].append(ours(args.steps, args.loss_chunk))
     print(json.dumps(dict(round=r, side="ours", tokens_per_s=runs["ours"][-1])), flush=True)
     if args.maxtext_python:
-      runs["maxtext"].append(maxtext(args.maxtext_python, args.steps, args.maxtext_remat, args.workdir))
+      runs["maxtext"].append(maxtext(args.maxtext_python, config, args.steps, args.maxtext_remat, args.workdir))
       print(json.dumps(dict(round=r, side="maxtext", tokens_per_s=runs["maxtext"][-1])), flush=True)
   summary = {f"{side}_median_tokens_per_s": statistics.median(v) for side, v in runs.items() if v}
   if runs["maxtext"]:

@@ -80,6 +80,6 @@ def test_maxtext_peer_alternates_the_two_and_reads_maxtexts_step_log(tmp_path, m
   assert summary["maxtext_median_tokens_per_s"] == maxtext_speed
   assert summary["ours_median_tokens_per_s"] == 1500.0
   assert summary["ratio"] == 1500.0 / maxtext_speed
-  cmd = peer.maxtext_command(str(fake), 6, "none", str(tmp_path))
+  cmd = peer.maxtext_command(str(fake), peer.maxtext_base_config(str(fake)), 6, "none", str(tmp_path))
   assert cmd[1:4] == ["-m", "maxtext.trainers.pre_train.train", "/x/base.yml"]
   assert "steps=8" in cmd and "remat_policy=none" in cmd and "base_emb_dim=256" in cmd and "dtype=float32" in cmd

@@ -84,7 +84,7 @@ def grouped_matmul_flops(lowered_text: str) -> float:
   return total("main", False)
 
 
-def routed_rows_overcount(lowered_text: str, config, mesh) -> float:
+def routed_rows_overcount(lowered, config, mesh) -> float:
   """FLOPs XLA counts for rows the dropless MoE's grouped matmul never computes.
 
   With expert parallelism each shard's receive buffer holds the worst case, every shard's rows
@@ -100,7 +100,7 @@ def routed_rows_overcount(lowered_text: str, config, mesh) -> float:
   ep = shd.axis_size(expert_mesh_axes(mesh, config.sharding_rules), mesh)
   if ep == 1:
     return 0.0
-  return grouped_matmul_flops(lowered_text) * (1 - 1 / ep)
+  return grouped_matmul_flops(lowered.as_text()) * (1 - 1 / ep)  # the text only where it counts
 
 
 def _costs(compiled) -> dict:
@@ -159,7 +159,7 @@ def probe_flops(config, mesh, setup, scanned_flops: float) -> float:
   probe.model.scan_unroll = 2
   probe_lowered = lower_step(probe, mesh)[1]
   doubled = _costs(compile_lowered(probe_lowered, mesh))["flops"] - routed_rows_overcount(
-      probe_lowered.as_text(), config, mesh)
+      probe_lowered, config, mesh)
   llm_unit, vit_layer = layer_model_flops(config, setup)
   units, depth = layer_units(config)
   left_out = ((units - 1) * llm_unit + (depth - 1) * vit_layer) / (llm_unit + vit_layer)
@@ -237,7 +237,7 @@ def plan(config, devices, chip: Chip, label: str, probe: bool = True, name: str 
     notes.append("MoE interval > 2 nests a scan in each scanned group: the probe's FLOPs are approximate")
   # XLA counts the dropless MoE kernels' worst-case rows; the step computes the routed ones. The
   # cost model's seconds per FLOP below then apply to the FLOPs computed.
-  overcount = routed_rows_overcount(lowered.as_text(), config, mesh)
+  overcount = routed_rows_overcount(lowered, config, mesh)
   if overcount:
     notes.append(f"grouped-matmul rows never computed, not counted: {overcount:.3g} FLOPs per chip as compiled")
   flops = probe_flops(config, mesh, setup, raw["flops"] - overcount)
