@@ -37,10 +37,28 @@ def _check_shard(process_index: int, process_count: int) -> None:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
 
 
+# grain's default read threads: for sources in files, where reads wait on storage.
+FILE_READ_THREADS = 16
+
+
+def read_options(config) -> grain.ReadOptions:
+  """How many threads read records ahead (data.read_threads; -1: auto).
+
+  Built-in records are drawn in Python, so reader threads add no parallelism, only GIL
+  contention with the packer and the step: on 2 cores a batch of the built-in mixture takes
+  2.5x as long with grain's 16 threads as read in the packer's own thread.
+  """
+  threads = config.data.get("read_threads", -1)
+  if threads < 0:
+    builtin = all(spec.get("kind", "builtin") == "builtin" for spec in config.data.sources.values())
+    threads = 0 if builtin else FILE_READ_THREADS
+  return grain.ReadOptions(num_threads=threads)
+
+
 def _examples(config, tokenizer, split: str, process_index: int, process_count: int) -> grain.IterDataset:
   tokenizer_lib.check_vocab(config, tokenizer)
   ds = mixture.mixed_records(config, split)[process_index::process_count]
-  ds = ds.map(mixture.ToExample(ExampleBuilder.from_config(config, tokenizer))).to_iter_dataset()
+  ds = ds.map(mixture.ToExample(ExampleBuilder.from_config(config, tokenizer))).to_iter_dataset(read_options(config))
   if split == "train" and config.data.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return ds
@@ -107,7 +125,8 @@ class SourceEvalBatches:
 
   def __iter__(self):
     ds = grain.MapDataset.source(self._source)[self._shard]
-    ds = ds.map(mixture.ToExample(ExampleBuilder.from_config(self._config, self._tokenizer))).to_iter_dataset()
+    ds = ds.map(mixture.ToExample(ExampleBuilder.from_config(self._config, self._tokenizer)))
+    ds = ds.to_iter_dataset(read_options(self._config))
     it = iter(packing.pack_examples(ds, self._config).batch(self._batch_size, drop_remainder=False))
     for _ in range(self.num_batches):
       batch = next(it, None)

@@ -260,3 +260,30 @@ def test_worker_processes_give_the_same_batches_and_resume(tok):
   fresh = iter(dp.make_train_dataset(c, tok))
   fresh.set_state(state)
   assert_batches_equal(take(fresh, 1), expected)
+
+
+def test_read_threads_choose_by_source_and_keep_the_batches(tok, tmp_path):
+  """data.read_threads: auto reads built-in records in the packer's thread (drawn in Python,
+  threads only contend for the GIL) and files with grain's reader threads; any count gives the
+  same batches and resumes where it stopped."""
+  c = tiny_config(num_examples=32)
+  assert dp.pipeline.read_options(c).num_threads == 0
+  files = tiny_config(sources={"qa": dict(kind="builtin", weight=1.0),
+                               "docs": dict(kind="jsonl", path=str(tmp_path / "d.jsonl"), weight=1.0)})
+  assert dp.pipeline.read_options(files).num_threads == dp.pipeline.FILE_READ_THREADS
+  files.data.read_threads = 3
+  assert dp.pipeline.read_options(files).num_threads == 3
+
+  serial = take(iter(dp.make_train_dataset(c, tok)), 3)
+  c.data.read_threads = 4
+  it = iter(dp.make_train_dataset(c, tok))
+  assert_batches_equal(take(it, 2), serial[:2])
+  state = it.get_state()
+  c.data.read_threads = 0
+  fresh = iter(dp.make_train_dataset(c, tok))
+  fresh.set_state(state)
+  assert_batches_equal(take(fresh, 1), serial[2:])
+
+  c.data.read_threads = -2
+  with pytest.raises(ValueError, match=r"data.read_threads=-2.*-1: auto"):
+    check_config(c, paths=False)

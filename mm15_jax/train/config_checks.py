@@ -113,6 +113,7 @@ RULES = (
     ("checkpoint.sigterm_grace_s", _number(0, above=True), "seconds > 0 to wait for a step boundary after a SIGTERM",
      "120"),
     ("data.seq_len", _int(1), "an integer >= 1", "4096"),
+    ("data.read_threads", _int(-1), "an integer >= -1 (-1: auto, 0: read in the packer's thread)", "-1"),
     ("model.dtype", _float_dtype, "a floating dtype name", "'bfloat16' or 'float32'"),
     ("model.param_dtype", _float_dtype, "a floating dtype name", "'float32'"),
     ("log.wandb.mode", lambda v: v in modes.values(modes.WandbMode),
