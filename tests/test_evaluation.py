@@ -245,6 +245,33 @@ def test_builtin_eval_oracle_and_wrong_models(tmp_path):
   assert builtin_eval.evaluate_builtin(TableModel(shifted, config=config), tasks=["ground"]) == {"ground": 1.0}
 
 
+class ShortModel(TableModel):
+  """A stand-in trained at a short length: each image takes 100 prompt tokens."""
+
+  def prompt(self, prompt, images=None):
+    return dict(tokens=np.zeros(10 + 100 * len(images or ()), np.int32))
+
+
+def test_builtin_eval_skips_and_counts_questions_longer_than_the_model(tmp_path):
+  """A question the model cannot take (longer than data.seq_len, image tokens included) is not
+  asked, as training drops such records: counted per task, the rest scored (the baseline too)."""
+  config = tiny_config()
+  config.data.seq_len = 250  # two images fit, three do not
+  qs = builtin_eval.questions("multi_image", 12, seed=config.seed)
+  short = [q for q in qs if len(q["images"]) <= 2]
+  assert 0 < len(short) < len(qs)
+  table = {key(q["prompt"], q["images"]): Answer(q["answer"]) for q in short}
+  model = ShortModel(table, config=config)
+  acc = builtin_eval.evaluate_builtin(model, tasks=["multi_image", "qa"], out_dir=str(tmp_path))
+  assert acc["multi_image"] == 1.0 and acc["qa"] == 0.0
+  assert all(len(ims) <= 2 for _, images, _ in model.calls for ims in images)
+  report = json.loads((tmp_path / "REPORT.json").read_text())
+  assert report["too_long"] == {"multi_image": len(qs) - len(short)}
+  assert f"| multi_image | {len(short)} | 100.0 |" in (tmp_path / "REPORT.md").read_text()
+  expected = builtin_eval.baseline_accuracy(["multi_image"], 12, seed=config.seed, asked={"multi_image": short})
+  assert report["baseline"]["multi_image"] == expected["multi_image"]
+
+
 def test_builtin_eval_rejects_document_tasks():
   with pytest.raises(ValueError, match="not a question task"):
     builtin_eval.questions("caption", 2)

@@ -11,13 +11,16 @@ included; the model remaps them to the AnyRes canvas as in training). Scoring:
 `baseline_accuracy` is what knowing no image scores: per question text, the most common
 train-split answer (the median train box for grounding), so "above chance" has a number.
 The report also asks the same model every question with its images blanked (flat, the
-padding colour): a model that reads its images scores lower there than with them.
+padding colour): a model that reads its images scores lower there than with them. A question
+whose prompt (image tokens included) is longer than the model's trained length is not asked:
+the report counts it per task (`too_long`), as training drops such records.
 """
 
 import collections
 import json
 
 import numpy as np
+from absl import logging
 
 from data_pipelines import anyres, builtin, coordinates, storage
 from data_pipelines.progress import Progress
@@ -81,6 +84,15 @@ def blanked(question: dict) -> dict:
   return dict(question, images=[flat(im) for im in question["images"]])
 
 
+def fits(model, question: dict) -> bool:
+  """Whether the question's prompt, its image tokens included, is within the length the model
+  was trained at (a stand-in model without a tokenizer takes every question)."""
+  build = getattr(model, "prompt", None)
+  if build is None:
+    return True
+  return len(build(question["prompt"], question["images"])["tokens"]) <= model.config.data.seq_len
+
+
 def _generate(model, qs, batch_size, max_new_tokens, bar=None):
   answers = []
   for start in range(0, len(qs), batch_size):
@@ -119,7 +131,17 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
   num = int(num_per_task or config.data.eval_examples)
   seed, scale = int(config.seed), float(config.data.image_scale)
   accuracy, blind, examples, grounding_example = {}, {}, {}, None
-  per_task = {task: questions(task, num, seed=seed, image_scale=scale) for task in tasks}
+  per_task, too_long = {}, {}
+  for task in tasks:
+    qs = questions(task, num, seed=seed, image_scale=scale)
+    per_task[task] = [q for q in qs if fits(model, q)]
+    if len(per_task[task]) < len(qs):
+      too_long[task] = len(qs) - len(per_task[task])
+      logging.warning("evaluation: %d of %d %s questions are longer than the model's data.seq_len=%d and are "
+                      "not asked", too_long[task], len(qs), task, model.config.data.seq_len)
+    if not per_task[task]:
+      del per_task[task]
+  tasks = list(per_task)
   total = sum(len(qs) * (2 if out_dir and blank and any(q["images"] for q in qs) else 1) for qs in per_task.values())
   bar = Progress(total, "evaluate", "questions", enabled=progress and distributed.is_main())
   for task, qs in per_task.items():
@@ -138,14 +160,16 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
   bar.close()
   if out_dir and distributed.is_main():  # every process generated the same answers; one writes
     storage.makedirs(out_dir)
-    chance = baseline_accuracy(tasks, num, seed=seed, image_scale=scale) if baseline else {}
+    chance = baseline_accuracy(tasks, num, seed=seed, image_scale=scale, asked=per_task) if baseline else {}
     report = dict(accuracy=accuracy, baseline=chance, num_per_task=num, examples=examples)
+    if too_long:
+      report["too_long"] = too_long
     if blind:
       report["blanked"] = blind
     if grounding_example:
       report["grounding_png"] = render_grounding(*grounding_example, storage.join(out_dir, "grounding.png"))
     storage.write_text_atomic(storage.join(out_dir, "REPORT.json"), json.dumps(report, indent=1))
-    table = [[t, num, 100 * accuracy[t]] + ([100 * chance[t]] if chance else []) + ([100 * blind[t]] if blind else [])
+    table = [[t, len(per_task[t]), 100 * accuracy[t]] + ([100 * chance[t]] if chance else []) + ([100 * blind[t]] if blind else [])
              for t in tasks]
     header = (["task", "num", "accuracy (%)"] + (["baseline (%)"] if chance else [])
               + (["images blanked (%)"] if blind else []))
@@ -157,10 +181,11 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
 
 
 def baseline_accuracy(tasks, num_per_task: int, *, seed: int = 0, image_scale: float = 1.0,
-                      train_examples: int = 1000) -> dict:
+                      train_examples: int = 1000, asked: dict | None = None) -> dict:
   """Accuracy without looking at the image: the most common train answer to the same
   question text (else to any question of the task); for grounding, the median train box
-  (0..1000 of the image, per coordinate) for every reference box."""
+  (0..1000 of the image, per coordinate) for every reference box. Scored on `asked[task]`
+  (the questions put to the model) where given, else the task's first num_per_task."""
   out = {}
   for task in tasks:
     train = questions(task, train_examples, split="train", seed=seed, image_scale=image_scale)
@@ -171,7 +196,8 @@ def baseline_accuracy(tasks, num_per_task: int, *, seed: int = 0, image_scale: f
     canvas_boxes = [v for q in train for v in coordinates.parse(q["answer"]) if len(v) == 4 and q["boxes"]]
     median = tuple(np.median(canvas_boxes, axis=0)) if canvas_boxes else (0, 0, 1000, 1000)
     scores = []
-    for q in questions(task, num_per_task, seed=seed, image_scale=image_scale):
+    asked_here = (asked or {}).get(task) or questions(task, num_per_task, seed=seed, image_scale=image_scale)
+    for q in asked_here:
       if q["boxes"]:
         h, w = q["images"][0].shape[:2]
         guess = (median[0] * w / 1000, median[1] * h / 1000, median[2] * w / 1000, median[3] * h / 1000)
