@@ -169,8 +169,8 @@ def evaluate_builtin(model, config=None, *, tasks=None, num_per_task: int | None
     if grounding_example:
       report["grounding_png"] = render_grounding(*grounding_example, storage.join(out_dir, "grounding.png"))
     storage.write_text_atomic(storage.join(out_dir, "REPORT.json"), json.dumps(report, indent=1))
-    table = [[t, len(per_task[t]), 100 * accuracy[t]] + ([100 * chance[t]] if chance else []) + ([100 * blind[t]] if blind else [])
-             for t in tasks]
+    table = [[t, len(per_task[t]), 100 * accuracy[t]] + ([100 * chance[t]] if chance else [])
+             + ([100 * blind[t]] if blind else []) for t in tasks]
     header = (["task", "num", "accuracy (%)"] + (["baseline (%)"] if chance else [])
               + (["images blanked (%)"] if blind else []))
     markdown = "# Built-in held-out evaluation\n\n" + runner.markdown_table(header, table)
