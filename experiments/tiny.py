@@ -42,7 +42,9 @@ def quick_start():
   c.train.warmup_steps = 20
   c.checkpoint.every = 150
   c.log_every = 10
-  c.eval.generate_per_task = 24  # the quick start ends by answering held-out questions
+  # The quick start ends by answering held-out questions: 96 per task (~20 s on 2 cores), as
+  # 24 cannot tell 40% from 50% (a standard error of 10 points).
+  c.eval.generate_per_task = 96
   return c
 
 
@@ -61,7 +63,7 @@ def get_config(arg=None):
   c.train.lr = st["lr"]
   c.train.warmup_steps = st["warmup"]
   c.checkpoint.every = 50
-  c.eval.generate_per_task = 24 if arg == "sft" else 0  # the last stage answers held-out questions
+  c.eval.generate_per_task = 96 if arg == "sft" else 0  # the last stage answers held-out questions
   return c
 
 

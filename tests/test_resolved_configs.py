@@ -30,6 +30,8 @@ def cases() -> list[str]:
       args = ["", "sft", "tiny", "tiny,sft"]
     elif name == "tiny.py":
       args = ["", *configs.STAGES]
+    elif name == "tiny_spatial.py":
+      args = ["", "sft"]
     elif name.startswith("mm15_"):
       args = list(configs.STAGES)
     else:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax import configs
 from mm15_jax import sharding as shd
 from mm15_jax.models.mm15 import position_grids
 from mm15_jax.models.vit import resize_pos_embedding
@@ -226,3 +227,16 @@ def test_paper_recipe_prints_each_stage_chained(tmp_path):
   assert "experiments/mm15_3b.py:cpt gs://bucket/3b/cpt" in lines[1]
   assert "--config.init.from_checkpoint=gs://bucket/3b/pretrain" in lines[1]
   assert "--dependency=afterok:<pretrain job id>" in lines[1] and "--config.mesh.fsdp=8" in lines[2]
+
+
+def test_spatial_experiment_chains_its_two_stages(tmp_path):
+  """experiments/tiny_spatial.py: the spatial stage, then the quick start's mixture from it."""
+  path = os.path.join(ROOT, "experiments", "tiny_spatial.py")
+  entries = recipe.plan(path, str(tmp_path), [], [])
+  assert [e["stage"] for e in entries] == ["spatial", "sft"]
+  assert f"--config.init.from_checkpoint={tmp_path / 'spatial'}" in entries[1]["args"]
+  spatial, sft = (configs.load_experiment(f"{path}:{stage}") for stage in ("spatial", "sft"))
+  quick = configs.load_experiment(os.path.join(ROOT, "experiments", "tiny.py"))
+  assert not spatial.data.anyres.enabled and sft.data.anyres.enabled
+  assert sft.data.sources.to_dict() == quick.data.sources.to_dict() and sft.train.lr < quick.train.lr
+  assert spatial.model.to_dict() == sft.model.to_dict() == quick.model.to_dict()  # one model: nothing to resize
