@@ -35,6 +35,7 @@ CASES = [
     ({"checkpoint.keep": 0}, "checkpoint.keep=0"),
     ({"checkpoint.sigterm_grace_s": 0}, "checkpoint.sigterm_grace_s=0: must be seconds > 0"),
     ({"log.wandb.mode": "offlien"}, "log.wandb.mode='offlien': must be 'online' or 'offline'"),
+    ({"data.read_threads": -2}, "data.read_threads=-2: must be an integer >= -1"),
 ]
 
 

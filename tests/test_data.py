@@ -283,7 +283,3 @@ def test_read_threads_choose_by_source_and_keep_the_batches(tok, tmp_path):
   fresh = iter(dp.make_train_dataset(c, tok))
   fresh.set_state(state)
   assert_batches_equal(take(fresh, 1), serial[2:])
-
-  c.data.read_threads = -2
-  with pytest.raises(ValueError, match=r"data.read_threads=-2.*-1: auto"):
-    check_config(c, paths=False)
