@@ -1,4 +1,4 @@
-"""The tiny model taught to see, in ~14 minutes on 2 CPU cores: a spatial stage, then the quick start.
+"""The tiny model taught to see, in ~13 minutes on 2 CPU cores: a spatial stage, then the quick start.
 
   python -m mm15_jax.tools.recipe --config=experiments/tiny_spatial.py --workdir=/tmp/mm15_spatial
 
