@@ -107,7 +107,12 @@ def test_two_process_generate_samples_the_one_process_answer(checkpoint, tmp_pat
            f"--prompt={question['prompt']}", "--temperature=0.7", "--seed=3", "--max_new_tokens=20"]
   outs = one_and_two("mm15_jax.tools.generate", flags, lambda name: [])
   assert outs["one"], "no answer printed"
-  assert outs["two"] == outs["one"]  # the same sampled answer (and boxes), printed once
+  # The same sampled answer (and boxes), printed last and once, by process 0. Before it, gloo's
+  # connection messages from both processes interleave on stdout and can leave a fragment of a
+  # few characters (a rank digit) on a line of its own; nothing longer may come before it.
+  one, two = outs["one"], outs["two"]
+  assert two[-len(one):] == one and two.count(one[0]) == 1, two
+  assert all(len(line) <= 3 for line in two[:-len(one)]), two
 
 
 def test_two_process_summary_and_plan_print_the_one_process_result():
