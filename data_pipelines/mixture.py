@@ -37,6 +37,11 @@ def make_source(name: str, spec, config, split: str):
   return sources_lib.KINDS[sources_lib.kind_of(name, spec)](name, spec, config, split)
 
 
+def all_builtin(config) -> bool:
+  """Whether every source of config.data.sources is built-in (drawn in Python, nothing read)."""
+  return all(spec.get("kind", "builtin") == "builtin" for spec in config.data.sources.values())
+
+
 def weights(config) -> dict:
   specs = dict(config.data.sources)
   if not specs:

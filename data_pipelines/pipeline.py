@@ -50,8 +50,7 @@ def read_options(config) -> grain.ReadOptions:
   """
   threads = config.data.get("read_threads", -1)
   if threads < 0:
-    builtin = all(spec.get("kind", "builtin") == "builtin" for spec in config.data.sources.values())
-    threads = 0 if builtin else FILE_READ_THREADS
+    threads = 0 if mixture.all_builtin(config) else FILE_READ_THREADS
   return grain.ReadOptions(num_threads=threads)
 
 

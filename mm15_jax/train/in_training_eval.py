@@ -21,7 +21,7 @@ import json
 import jax
 import numpy as np
 
-from data_pipelines import packing, storage
+from data_pipelines import mixture, packing, storage
 from mm15_jax import distributed
 from mm15_jax.evaluation import builtin_eval
 
@@ -33,7 +33,7 @@ def metric_names(config) -> list[str]:
   """Every metric an evaluation gives that eval.best_metric may name: the held-out ones, and
   with generation (eval.generate_per_task > 0, built-in sources) task_accuracy and task/<task>."""
   names = list(METRICS) + [f"{s}/{m}" for s in config.data.sources for m in METRICS]
-  if config.eval.generate_per_task and all_builtin(config):
+  if config.eval.generate_per_task and mixture.all_builtin(config):
     names += ["task_accuracy"] + [f"task/{t}" for t in builtin_eval.config_tasks(config)]
   return names
 
@@ -148,7 +148,3 @@ def missed_at(config, workdir: str, start: int) -> bool:
     rows = map(json.loads, filter(str.strip, lines))
     missed = not any(r.get("kind") == "eval" and r.get("step") == start for r in rows)
   return bool(distributed.from_main(int(missed)))
-
-
-def all_builtin(config) -> bool:
-  return all(spec.get("kind", "builtin") == "builtin" for spec in config.data.sources.values())

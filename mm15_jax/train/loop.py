@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import data_pipelines
+from data_pipelines import mixture
 from data_pipelines import pipeline as pipeline_lib
 from mm15_jax import batch as batch_lib
 from mm15_jax import checkpoint as ckpt_lib
@@ -123,7 +124,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         pipeline_lib.make_eval_batches_per_source(
             config, tokenizer, config.eval.batches, process_index=p_idx, process_count=n_proc))
     generation = None
-    if config.eval.generate_per_task and in_training_eval.all_builtin(config):
+    if config.eval.generate_per_task and mixture.all_builtin(config):
       generation = in_training_eval.TaskGeneration(config, tokenizer, workdir)
     best = None
     if config.eval.best_metric:
