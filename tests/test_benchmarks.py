@@ -83,3 +83,32 @@ def test_maxtext_peer_alternates_the_two_and_reads_maxtexts_step_log(tmp_path, m
   cmd = peer.maxtext_command(str(fake), peer.maxtext_base_config(str(fake)), 6, "none", str(tmp_path))
   assert cmd[1:4] == ["-m", "maxtext.trainers.pre_train.train", "/x/base.yml"]
   assert "steps=8" in cmd and "remat_policy=none" in cmd and "base_emb_dim=256" in cmd and "dtype=float32" in cmd
+
+
+def test_grounding_probe_tiles_boxes_and_scores(tmp_path):
+  probe = load("grounding_probe")
+  from data_pipelines.builtin import scenes
+  tiles, boxes = probe.one_object_tiles(24, 32, seed=0)
+  assert tiles.shape == (24, 32, 32, 3) and tiles.dtype == np.uint8
+  colors = np.array(list(scenes.COLORS.values()))
+  for tile, box in zip(tiles, boxes):
+    # Pixels of a shape colour lie inside the box (to a pixel) and span it but for the edges
+    # that bicubic downscaling blends (a triangle's apex most): the box is where the shape is.
+    near = (np.abs(tile[:, :, None, :].astype(int) - colors[None, None]).sum(-1) <= 24).any(-1)
+    rows, cols = np.nonzero(near)
+    assert len(rows), "the shape is in the tile"
+    edges = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]) / 32
+    assert np.all(edges[:2] >= box[:2] - 1 / 32) and np.all(edges[2:] <= box[2:] + 1 / 32), (edges * 32, box * 32)
+    assert np.all(np.abs(edges - box) <= 2.5 / 32), (edges * 32, box * 32)
+
+  truth = np.array([[0, 0, 4, 4], [0, 0, 2, 4]])
+  assert probe.hit_rate(truth, truth) == 1.0
+  # Disjoint: IoU 0, a miss; the top half of the second box: IoU 4 / 8 = 0.5, a hit.
+  assert probe.hit_rate(np.array([[5, 5, 8, 8], [0, 0, 2, 2]]), truth) == 0.5
+
+  out = tmp_path / "encoder"
+  result = probe.main(["--config=experiments/tiny_spatial.py:spatial", "--steps=3", "--probe_steps=3",
+                       "--train_scenes=32", "--test_scenes=8", "--batch=8", f"--save_encoder={out}"])
+  assert 0 <= result["supervised_hit_rate"] <= 1 and 0 <= result["probe_random_init_hit_rate"] <= 1
+  from mm15_jax import checkpoint as ckpt_lib
+  assert ckpt_lib.stored_parts(str(out)) == ["vit"]  # what init.vit_from starts a run from
