@@ -233,6 +233,30 @@ def test_smallest_fitting_topology():
   assert report_lib.smallest_fitting(rows) == {("a", "full"): "v5p:2x2x2", ("a", "dots"): None}
 
 
+def test_best_remat_is_the_fastest_that_fits_and_names_its_slice():
+  GiB = chips_lib.GiB
+  row = lambda remat, gib, mfu, fits=True, topology="v5p:4x4x4", chips=64, config="a": dict(
+      config=config, remat=remat, topology=topology, chips=chips, fits=fits, bytes_per_chip=gib * GiB,
+      estimated_mfu=mfu, estimated_step_s=1.0 if mfu else None, hbm_bytes_per_chip=95 * GiB, temp_bytes=1)
+  # The 1B sweep on v5p-128 (benchmarks/RESULTS.md): proj is the fastest and fits.
+  rows = [row("full", 42.9, 0.350), row("qkv", 45.9, 0.353), row("proj", 56.3, 0.363),
+          row("none", 130.0, 0.40, fits=False)]
+  best = report_lib.best_remat(rows)
+  assert best[("a", "v5p:4x4x4")]["remat"] == "proj"
+  # Within MFU_TIE (half a point) the smaller memory wins: qkv's 0.3 points do not pay for 3 GiB.
+  assert report_lib.best_remat(rows[:2])[("a", "v5p:4x4x4")]["remat"] == "full"
+  # Nothing fits; no estimates (--noprobe): the least memory.
+  assert report_lib.best_remat([row("dots", 99.0, None, fits=False)]) == {("a", "v5p:4x4x4"): None}
+  assert report_lib.best_remat([row("qkv", 50.0, None), row("full", 40.0, None)])[("a", "v5p:4x4x4")]["remat"] == "full"
+  # The rule to paste names the Cloud TPU slice type the trainer matches ($TPU_ACCELERATOR_TYPE), per slice.
+  assert report_lib.hardware_rule(best[("a", "v5p:4x4x4")]) == 'hardware_rules: (r"^v5p-128$", {"model.remat": "proj"})'
+  two_slices = row("qkv", 50.0, 0.3, topology="2x v5p:2x2x1", chips=8)
+  assert report_lib.hardware_rule(two_slices) == 'hardware_rules: (r"^v5p-8$", {"model.remat": "qkv"})'
+  assert report_lib.hardware_rule(row("full", 50.0, 0.3, topology="8 GPUs", chips=8)) == ""
+  table = report_lib.format_sweep(rows)
+  assert 'a on v5p:4x4x4: proj  hardware_rules: (r"^v5p-128$", {"model.remat": "proj"})' in table
+
+
 def test_sweep_sizes_are_sibling_experiments_with_the_same_overrides():
   argv = ["plan", "--sweep", f"--config={ROOT}/experiments/mm15_1b.py:sft", "--config.train.batch_size=64",
           "--sizes=3b,1b_moe", "--topologies=v5p:2x2x1"]

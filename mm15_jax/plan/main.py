@@ -5,6 +5,11 @@
   python -m mm15_jax.plan --config=experiments/mm15_7b.py --devices=64 --device_memory_gib=80 --device_peak_tflops=989
   python -m mm15_jax.plan --sweep --config=experiments/mm15_1b.py --sizes=1b,3b,7b,30b \
       --topologies=v5p:2x4x4,v5p:4x4x4,v5p:4x4x8 --remat=full,dots [--noprobe]
+  python -m mm15_jax.plan --sweep --config=experiments/mm15_3b.py --remat=full,qkv,proj  # remat to use
+
+A sweep ends with the smallest topology that fits each (config, remat) and, where several remat
+policies were planned, the one to use on each slice (the highest estimated MFU that fits; within
+half a point, the least memory) with the `hardware_rules` entry that sets it there.
 
 The real train step (train/step.py) is lowered with the abstract state and one global batch,
 both carrying their shardings, and compiled ahead of time; nothing is allocated. The config's
@@ -128,7 +133,8 @@ def define_flags(flag_values=flags.FLAGS, argv=None):
                       **fv)
   flags.DEFINE_bool("probe", True, "Compile a probe so that FLOPs and step time count every layer.", **fv)
   flags.DEFINE_bool("json", False, "Print one JSON object per planned case.", **fv)
-  flags.DEFINE_bool("sweep", False, "Plan --sizes x --topologies x --remat; report the smallest that fits.", **fv)
+  flags.DEFINE_bool("sweep", False, "Plan --sizes x --topologies x --remat; report the smallest that fits and "
+                    "the remat to use.", **fv)
   flags.DEFINE_list("sizes", [], "Sweep: experiment files mm15_{size}.py beside --config (e.g. 1b,3b,1b_moe).", **fv)
   flags.DEFINE_list("topologies", [], "Sweep: TPU topologies, e.g. v5p:2x2x1,v5p:2x2x2,v5p:2x2x4.", **fv)
   flags.DEFINE_list("remat", [], "Sweep: remat policies (default: the config's).", **fv)

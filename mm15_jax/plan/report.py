@@ -1,6 +1,13 @@
-"""A plan's report as text: one case in full, a sweep as a table with the smallest topology that fits."""
+"""A plan's report as text: one case in full, a sweep as a table with the smallest topology that fits
+and the remat policy to use on each."""
 
-from mm15_jax.plan.chips import GiB
+import re
+
+from mm15_jax.plan.chips import TOPOLOGY_RE, GiB, accelerator_type
+
+# Estimated MFUs this close count as equal when choosing a remat policy: XLA's cost model is a
+# model, and a fraction of a point does not pay for gigabytes of HBM.
+MFU_TIE = 0.005
 
 
 def format_report(r: dict) -> str:
@@ -66,4 +73,42 @@ def format_sweep(reports: list[dict]) -> str:
   lines.append("smallest topology that fits:")
   for (config, remat), topology in smallest_fitting(reports).items():
     lines.append(f"  {config} remat={remat}: {topology or 'none of those planned'}")
+  choices = best_remat(reports)
+  if any(len({r["remat"] for r in reports if (r["config"], r["topology"]) == key}) > 1 for key in choices):
+    lines.append("remat to use (highest estimated MFU that fits; within "
+                 f"{MFU_TIE:.1%} of it, the least memory):")
+    for (config, topology), r in choices.items():
+      lines.append(f"  {config} on {topology}: " + (f"{r['remat']}  {hardware_rule(r)}" if r else "none fits"))
   return "\n".join(lines)
+
+
+def best_remat(reports: list[dict]) -> dict:
+  """(config, topology) -> the report of the remat policy to use there, None if none fits.
+
+  The highest estimated MFU among the cases that fit; any within MFU_TIE of it with less memory
+  per chip wins. Cases planned without a step-time estimate (--noprobe) are ranked by memory.
+  """
+  groups: dict = {}
+  for r in reports:
+    groups.setdefault((r["config"], r["topology"]), []).append(r)
+  out = {}
+  for key, rows in groups.items():
+    fitting = [r for r in rows if r.get("fits")]
+    if not fitting:
+      out[key] = None
+      continue
+    top = max(r.get("estimated_mfu") or 0.0 for r in fitting)
+    near = [r for r in fitting if (r.get("estimated_mfu") or 0.0) >= top - MFU_TIE]
+    out[key] = min(near, key=lambda r: r["bytes_per_chip"])
+  return out
+
+
+def hardware_rule(r: dict) -> str:
+  """The experiment file's line that applies r's remat on r's slice (TPU topologies only)."""
+  label = r["topology"]
+  slices = re.match(r"^(\d+)x (.*)$", label)
+  topology, count = (slices.group(2), int(slices.group(1))) if slices else (label, 1)
+  if not TOPOLOGY_RE.match(topology):
+    return ""
+  slice_type = accelerator_type(topology, r["chips"] // count)
+  return f'hardware_rules: (r"^{slice_type}$", {{"model.remat": "{r["remat"]}"}})'
