@@ -7,9 +7,10 @@ in a few minutes, but not to count or to give boxes. This experiment first train
 model on the spatial tasks (grounding, referring, counting, with captions, multi-image and QA
 beside them) as single 32-px tiles without AnyRes splitting in 128-token rows, which is cheap
 and frequent, then runs the quick start's mixture from it at a lower learning rate. It ends by
-answering 96 held-out questions per built-in task (WORKDIR/sft/eval_tasks/REPORT.md); every
-image-dependent task scores above its no-image baseline and grounding above zero
-(benchmarks/RESULTS.md, "A staged experiment that sees"). One stage alone:
+answering 96 held-out questions per built-in task (WORKDIR/sft/eval_tasks/REPORT.md): qa,
+text_rich, refer and multi_image well above their no-image baselines, counting a little above;
+grounding stays at its median-box baseline at this scale (benchmarks/RESULTS.md, "A staged
+experiment that sees" and "Why the tiny model does not ground"). One stage alone:
 `python -m mm15_jax.train --config=experiments/tiny_spatial.py:spatial --workdir=DIR` (no
 argument: the spatial stage); `:sft` needs `--config.init.from_checkpoint=SPATIAL_WORKDIR`.
 """
