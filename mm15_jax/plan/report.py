@@ -76,7 +76,7 @@ def format_sweep(reports: list[dict]) -> str:
   choices = best_remat(reports)
   if any(len({r["remat"] for r in reports if (r["config"], r["topology"]) == key}) > 1 for key in choices):
     lines.append("remat to use (highest estimated MFU that fits; within "
-                 f"{MFU_TIE:.1%} of it, the least memory):")
+                 f"{100 * MFU_TIE:g} points of it, the least memory):")
     for (config, topology), r in choices.items():
       lines.append(f"  {config} on {topology}: " + (f"{r['remat']}  {hardware_rule(r)}" if r else "none fits"))
   return "\n".join(lines)
