@@ -112,3 +112,33 @@ def test_grounding_probe_tiles_boxes_and_scores(tmp_path):
   assert 0 <= result["supervised_hit_rate"] <= 1 and 0 <= result["probe_random_init_hit_rate"] <= 1
   from mm15_jax import checkpoint as ckpt_lib
   assert ckpt_lib.stored_parts(str(out)) == ["vit"]  # what init.vit_from starts a run from
+
+
+def test_grounding_probe_attributes_label_what_is_drawn_and_score_by_hand():
+  probe = load("grounding_probe")
+  from data_pipelines.builtin import scenes
+  data = probe.one_object_scenes(16, 32, seed=3)
+  colors = np.array(list(scenes.COLORS.values()))
+  for tile, color in zip(data["tiles"], data["colors"]):
+    # The labelled colour is the one drawn: the shape colour nearest any pixel (bicubic blends small ones).
+    distance = np.abs(tile.reshape(-1, 1, 3).astype(int) - colors[None]).sum(-1).min(0)
+    assert distance[color] <= 48 and distance[color] == distance.min(), (color, distance)
+  assert set(data["shapes"]) <= {0, 1, 2} and len(set(data["shapes"])) > 1
+
+  # Two examples, 5 colour then 3 shape logits: colour right on the first only, shape on both.
+  logits = np.array([[9, 0, 0, 0, 0, 0, 0, 9], [0, 9, 0, 0, 0, 9, 0, 0]], np.float32)
+  y = np.array([[0, 2], [2, 0]])
+  assert probe.attribute_accuracy(logits, y) == {"color": 0.5, "shape": 1.0}
+  uniform = np.zeros((2, 8), np.float32)  # cross-entropy of uniform logits: ln 5 + ln 3
+  np.testing.assert_allclose(float(probe.attribute_loss(uniform, y)), np.log(5) + np.log(3), rtol=1e-6)
+
+  result = probe.main(["--config=experiments/tiny_spatial.py:spatial", "--steps=3", "--probe_steps=3",
+                       "--train_scenes=32", "--test_scenes=8", "--batch=8", "--attributes"])
+  for key in ("supervised_attributes", "probe_random_init_attributes"):
+    assert set(result[key]) == {"color", "shape"} and all(0 <= v <= 1 for v in result[key].values())
+
+  # The whole model asked about colours and shapes (a random init here): an answer that is right
+  # names an object of the scene, so right <= in_scene in every case.
+  asked = probe.ask_attributes("experiments/tiny_spatial.py:spatial", None, 2)
+  assert set(asked) == {f"{k} objects, {a}" for k in (1, 2, 3) for a in ("color", "shape")}
+  assert all(v["n"] == 2 and 0 <= v["right"] <= v["in_scene"] <= 1 for v in asked.values())
