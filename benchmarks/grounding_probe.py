@@ -4,6 +4,7 @@ connector's tokens.
   python benchmarks/grounding_probe.py --config=experiments/tiny_spatial.py:spatial
   python benchmarks/grounding_probe.py --config=experiments/tiny_spatial.py:spatial --checkpoint=W/spatial
   python benchmarks/grounding_probe.py --checkpoint=W/spatial --attributes --steps=0 --ask=120
+  python benchmarks/grounding_probe.py --attributes --steps=1000 --set=model.vit.patch_size=4   # another encoder
 
 Built-in scenes with one shape (data_pipelines/builtin/scenes.py), each rendered as the
 config's single tile (AnyRes off: the whole image fit into one tile, padded), and the shape's
@@ -33,6 +34,7 @@ the objects but cannot tell which one the question names.
 """
 
 import argparse
+import ast
 import json
 
 import jax
@@ -216,6 +218,14 @@ def checkpoint_params(config, checkpoint: str) -> dict:
   return jax.device_get(load_model(config, checkpoint).params)
 
 
+def literal(text: str):
+  """A --set value: a Python literal (4, 0.5, True) or else the string itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="experiments/tiny_spatial.py:spatial")
@@ -228,12 +238,17 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--save_encoder", default="",
                       help="Save the supervised ViT as a checkpoint that init.vit_from can start a run from.")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="Change the config, e.g. --set=model.vit.patch_size=4 (repeatable).")
   parser.add_argument("--attributes", action="store_true",
                       help="Also measure the object's colour and shape: supervised and by probes.")
   parser.add_argument("--ask", type=int, default=0,
                       help="With --checkpoint: ask its model this many colour and shape questions per case.")
   args = parser.parse_args(argv)
   config = configs.load_experiment(args.config)
+  for change in args.set:
+    field, _, value = change.partition("=")
+    configs.set_field(config, field, literal(value))
   tile = config.model.vit.image_size
   train = one_object_scenes(args.train_scenes, tile, seed=1)
   test = one_object_scenes(args.test_scenes, tile, seed=2)

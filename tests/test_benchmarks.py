@@ -133,7 +133,10 @@ def test_grounding_probe_attributes_label_what_is_drawn_and_score_by_hand():
   np.testing.assert_allclose(float(probe.attribute_loss(uniform, y)), np.log(5) + np.log(3), rtol=1e-6)
 
   result = probe.main(["--config=experiments/tiny_spatial.py:spatial", "--steps=3", "--probe_steps=3",
-                       "--train_scenes=32", "--test_scenes=8", "--batch=8", "--attributes"])
+                       "--train_scenes=32", "--test_scenes=8", "--batch=8", "--attributes",
+                       "--set=model.vit.patch_size=4", "--set=model.connector.tokens_per_tile=16",
+                       "--set=model.connector.kind=mlp"])
+  assert result["tokens_per_tile"] == 16  # --set changed the config the probe built
   for key in ("supervised_attributes", "probe_random_init_attributes"):
     assert set(result[key]) == {"color", "shape"} and all(0 <= v <= 1 for v in result[key].values())
 
