@@ -9,8 +9,9 @@ beside them) as single 32-px tiles without AnyRes splitting in 128-token rows, w
 and frequent, then runs the quick start's mixture from it at a lower learning rate. It ends by
 answering 96 held-out questions per built-in task (WORKDIR/sft/eval_tasks/REPORT.md): qa,
 text_rich, refer and multi_image well above their no-image baselines, counting a little above;
-grounding stays at its median-box baseline at this scale (benchmarks/RESULTS.md, "A staged
-experiment that sees" and "Why the tiny model does not ground"). One stage alone:
+grounding stays at its median-box baseline at this scale: at 32-px tiles the model does not
+see the shapes that grounding phrases name (benchmarks/RESULTS.md, "A staged experiment that
+sees", "Why the tiny model does not ground" and "Before binding and boxes"). One stage alone:
 `python -m mm15_jax.train --config=experiments/tiny_spatial.py:spatial --workdir=DIR` (no
 argument: the spatial stage); `:sft` needs `--config.init.from_checkpoint=SPATIAL_WORKDIR`.
 """
