@@ -34,6 +34,18 @@ def run(main, doc: str | None = None, required=(), argv=None) -> None:
   app.run(main, argv=argv)
 
 
+def check_config_source(config, checkpoint: str | None) -> None:
+  """A tool that loads a run: without --config it reads the config.json the run wrote beside its
+  checkpoints; say so before anything loads when there is none."""
+  if config is not None:
+    return
+  from mm15_jax import run_record  # imports jax: only for the tools that load a run
+
+  if not checkpoint or run_record.find_config(checkpoint) is None:
+    where = f"--checkpoint={checkpoint} has no config.json of a run at or above it" if checkpoint else "no --checkpoint"
+    raise app.UsageError(f"{where}: give --config=FILE.py[:arg], the experiment it was trained with")
+
+
 def use_compilation_cache() -> None:
   """Compiled programs persist across runs in ~/.cache/mm15_jax/jax_cache, unless the user's
   JAX_COMPILATION_CACHE_DIR names another place."""

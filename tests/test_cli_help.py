@@ -81,3 +81,18 @@ def test_log_lines_of_other_processes_name_their_process():
   finally:
     handler.setFormatter(before)
   assert line.startswith("[process 3] W") and line.endswith("packing.py:90] data: dropped a record"), line
+
+
+def test_tools_that_load_a_run_take_its_config_or_say_what_is_missing(tmp_path):
+  from absl import app
+
+  from mm15_jax import cli, configs, run_record
+
+  cli.check_config_source("experiments/tiny.py", None)  # --config given: nothing to check
+  run_record.write_config(configs.base(), str(tmp_path / "run"))
+  (tmp_path / "run" / "checkpoints" / "10").mkdir(parents=True)
+  cli.check_config_source(None, str(tmp_path / "run" / "checkpoints" / "10"))  # found two levels up
+  with pytest.raises(app.UsageError, match=r"has no config.json of a run .*--config=FILE.py"):
+    cli.check_config_source(None, str(tmp_path / "elsewhere"))
+  with pytest.raises(app.UsageError, match=r"no --checkpoint: give --config="):
+    cli.check_config_source(None, None)

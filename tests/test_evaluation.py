@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import configs
+from mm15_jax import configs, run_record
 from mm15_jax.evaluation import builtin_eval, metrics, runner
 from mm15_jax.inference import load_model
 
@@ -309,15 +309,24 @@ def save_params(model, directory):
 
 def test_cli_builtin_and_benchmark(tiny_model, tmp_path):
   save_params(tiny_model, tmp_path / "run" / "checkpoints")
+  # The run's own config, as training writes it: without --config the evaluation reads it, so its
+  # 2 held-out questions a task (experiments/tiny.py asks 512) are what gets asked.
+  run_config = tiny_config()
+  run_config.data.eval_examples = 2
+  run_record.write_config(run_config, str(tmp_path / "run"))
   path, _ = write_benchmark(tmp_path)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  base = [sys.executable, "-m", "mm15_jax.evaluation", "--config=experiments/tiny.py",
-          f"--checkpoint={tmp_path / 'run'}", "--max_new_tokens=4"]
-  out = subprocess.run(base + ["--builtin", "--tasks=qa,ground", "--num_per_task=2", f"--out={tmp_path / 'b'}"],
+  base = [sys.executable, "-m", "mm15_jax.evaluation", f"--checkpoint={tmp_path / 'run'}", "--max_new_tokens=4"]
+  out = subprocess.run(base + ["--builtin", "--tasks=qa,ground", f"--out={tmp_path / 'b'}"],
                        cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)
   assert "| qa | 2 |" in out.stdout and "| ground | 2 |" in out.stdout
   assert "evaluate: 8/8 questions (100%)" in out.stderr  # 2 tasks x 2 questions, with and without images
   assert set(json.loads((tmp_path / "b" / "REPORT.json").read_text())["accuracy"]) == {"qa", "ground"}
-  out = subprocess.run(base + [f"--benchmark={path}", f"--out={tmp_path / 'j'}", "--limit=2"],
-                       cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(base + ["--config=experiments/tiny.py", f"--benchmark={path}", f"--out={tmp_path / 'j'}",
+                               "--limit=2"], cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)
   assert "| vqa | vqa | 2 |" in out.stdout and "evaluate: 2/2 questions (100%)" in out.stderr
+  # No --config and no run config to fall back on: said before anything loads.
+  out = subprocess.run([sys.executable, "-m", "mm15_jax.evaluation", f"--checkpoint={tmp_path / 'nowhere'}",
+                        "--builtin", f"--out={tmp_path / 'n'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode != 0 and "has no config.json of a run" in out.stderr and "--config=" in out.stderr

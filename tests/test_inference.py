@@ -203,7 +203,8 @@ def test_cli_prints_an_answer_and_renders(trained, tmp_path):
   PIL.Image.fromarray(images()[0][0]).save(tmp_path / "a.png")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   out = subprocess.run(
-      [sys.executable, "-m", "mm15_jax.tools.generate", "--config=experiments/tiny.py", f"--checkpoint={workdir}",
+      # No --config: the run's own config.json, as a user asks a model they trained.
+      [sys.executable, "-m", "mm15_jax.tools.generate", f"--checkpoint={workdir}",
        f"--image={tmp_path / 'a.png'}", "--prompt=Where is the red circle?", "--max_new_tokens=12",
        f"--render={tmp_path / 'out.png'}"],
       cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=300)

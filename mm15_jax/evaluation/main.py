@@ -3,6 +3,10 @@
   python -m mm15_jax.evaluation --config=experiments/mm15_3b.py:sft --checkpoint=WORKDIR \
       --benchmark=textvqa_val.jsonl --out=DIR [--metric=vqa] [--image_root=IMAGES] [--limit=100]
   python -m mm15_jax.evaluation --config=experiments/tiny.py --checkpoint=WORKDIR --builtin --out=DIR
+  python -m mm15_jax.evaluation --checkpoint=WORKDIR --builtin --out=DIR   # the run's own config.json
+
+Without --config, the config is the one the run wrote beside its checkpoints (WORKDIR/config.json,
+with every override it was launched with).
 
 Writes DIR/REPORT.json and DIR/REPORT.md (the built-in evaluation also DIR/grounding.png)
 and prints the markdown table. Several processes (launch/local.sh with
@@ -41,6 +45,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if bool(_BENCHMARK.value) == _BUILTIN.value:
     raise app.UsageError("give exactly one of --benchmark=FILE.jsonl and --builtin")
+  cli.check_config_source(_CONFIG.value, _CHECKPOINT.value)
   distributed.initialize()
   from mm15_jax.inference import load_model
 
@@ -62,7 +67,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, __doc__, required=["config", "checkpoint", "out"])
+  cli.run(main, __doc__, required=["checkpoint", "out"])
 
 
 if __name__ == "__main__":

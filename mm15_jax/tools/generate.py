@@ -4,7 +4,8 @@
       --image=a.png [--image=b.png] --prompt="Where is the red circle?" [--render=out.png]
 
 Boxes are printed in pixels of the first image; `--render` draws them, labelled, on it.
-Any config field can be overridden as in training (`--config.mesh.data=1`). Several processes
+Without --config, the config is the run's own (the config.json beside its checkpoints). Any
+config field can be overridden as in training (`--config.mesh.data=1`). Several processes
 (launch/local.sh with MM15_MODULE=mm15_jax.tools.generate, or MM15_DISTRIBUTED=1) generate
 together; process 0 prints and renders.
 """
@@ -34,6 +35,7 @@ def main(argv):
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  cli.check_config_source(_CONFIG.value, _CHECKPOINT.value)
   distributed.initialize()
   cli.use_compilation_cache()
 
@@ -59,7 +61,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, __doc__, required=["config", "prompt"])
+  cli.run(main, __doc__, required=["prompt"])
 
 
 if __name__ == "__main__":
