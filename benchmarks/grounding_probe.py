@@ -182,13 +182,12 @@ def probe(feats, train_targets, test_targets, *, head: str, steps: int, lr: floa
   return hit_rate(out, test_targets) if head == "box" else attribute_accuracy(out, test_targets)
 
 
-def ask_attributes(config, checkpoint: str, num: int, seed: int = 0) -> dict:
-  """The whole model's answers to "What color is the <shape>?" / "Which shape is <colour>?" on
-  `num` scenes of each of 1, 2 and 3 objects -> {"<k> objects, <asked>": {"right", "in_scene"}}."""
+def ask_attributes(model, num: int, seed: int = 0) -> dict:
+  """A loaded model's (mm15_jax.inference) answers to "What color is the <shape>?" / "Which shape
+  is <colour>?" on `num` scenes of each of 1, 2 and 3 objects -> {"<k> objects, <asked>":
+  {"right", "in_scene", "n"}}."""
   from data_pipelines.builtin.single_image import PREFIX
-  from mm15_jax.inference import load_model
 
-  model = load_model(config, checkpoint)
   rng = np.random.default_rng(seed)
   questions = []
   for count in (1, 2, 3):
@@ -211,11 +210,6 @@ def ask_attributes(config, checkpoint: str, num: int, seed: int = 0) -> dict:
     right.append(text == truth)
     seen.append(text in in_scene)
   return {case: dict(right=float(np.mean(r)), in_scene=float(np.mean(s)), n=len(r)) for case, (r, s) in tally.items()}
-
-
-def checkpoint_params(config, checkpoint: str) -> dict:
-  from mm15_jax.inference import load_model  # the run's params, as inference loads them
-  return jax.device_get(load_model(config, checkpoint).params)
 
 
 def literal(text: str):
@@ -270,9 +264,12 @@ def main(argv=None):
       fit(model, train["tiles"], labels(train), steps=args.steps, loss=attribute_loss, **kw)
       result["supervised_attributes"] = attribute_accuracy(predict(nnx.jit(lambda x: model(x)), test["tiles"]),
                                                            labels(test))
-  encoders = {"random_init": None}
+  encoders, trained = {"random_init": None}, None
   if args.checkpoint:
-    encoders["checkpoint"] = checkpoint_params(config, args.checkpoint)
+    from mm15_jax.inference import load_model  # the run's params, as inference loads them
+
+    trained = load_model(config, args.checkpoint)  # loaded once: probed, then asked
+    encoders["checkpoint"] = jax.device_get(trained.params)
     result["checkpoint"] = args.checkpoint
   for name, params in encoders.items():
     feats = frozen_tokens(config.model, params, train["tiles"], test["tiles"])
@@ -281,11 +278,10 @@ def main(argv=None):
     if args.attributes:
       result[f"probe_{name}_attributes"] = probe(feats, labels(train), labels(test), head="attributes",
                                                  steps=args.probe_steps, **kw)
-  if args.checkpoint and args.ask:
-    result["asked"] = ask_attributes(config, args.checkpoint, args.ask, seed=config.seed)
+  if trained is not None and args.ask:
+    result["asked"] = ask_attributes(trained, args.ask, seed=config.seed)
   print(json.dumps(result))
   return result
-
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ def test_grounding_probe_attributes_label_what_is_drawn_and_score_by_hand():
 
   # The whole model asked about colours and shapes (a random init here): an answer that is right
   # names an object of the scene, so right <= in_scene in every case.
-  asked = probe.ask_attributes("experiments/tiny_spatial.py:spatial", None, 2)
+  from mm15_jax.inference import load_model
+  asked = probe.ask_attributes(load_model("experiments/tiny_spatial.py:spatial", None), 2)
   assert set(asked) == {f"{k} objects, {a}" for k in (1, 2, 3) for a in ("color", "shape")}
   assert all(v["n"] == 2 and 0 <= v["right"] <= v["in_scene"] <= 1 for v in asked.values())
