@@ -298,6 +298,17 @@ def load_param_parts(params: dict, abstract_params: dict, parts: dict, grids: di
   return params
 
 
+def save_params(directory: str, step: int, params: dict) -> None:
+  """Params alone (e.g. {"vit": ...}: an import, an encoder stage) as step `step` of a checkpoint
+  directory that `load_params` / `load_param_parts` and `latest_step` read; orbax writes it
+  under a temporary name and renames it when complete, so a kill leaves no step behind."""
+  manager = ocp.CheckpointManager(epath.Path(directory), options=ocp.CheckpointManagerOptions(create=True),
+                                  item_names=("params",))
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+  manager.wait_until_finished()
+  manager.close()
+
+
 def path_exists(path: str) -> bool:
   """Whether a local or cloud (gs://) path exists."""
   return epath.Path(path).exists()

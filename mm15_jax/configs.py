@@ -279,6 +279,9 @@ def base() -> ml_collections.ConfigDict:
       # (benchmarks/RESULTS.md). 0: whole logits, differentiated by XLA.
       loss_chunk=512,
       trainable="all",  # "all" | comma list of modes.Component: vit,connector,llm
+      # modes.Objective: "next_token" (the model on the data's token rows) or "object_boxes" (a
+      # stage that pretrains the image encoder alone on labelled built-in tiles; docs/recipe.md).
+      objective="next_token",
       nan_policy="stop",  # modes.NanPolicy: "stop" | "skip"
       peak_tflops_per_device=0.0,  # 0 = measure/guess from the device kind
   )
@@ -292,10 +295,11 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = dict(every=100, keep=3, async_save=True, sigterm_grace_s=120, compress=False)
   # from_checkpoint: all params of a previous stage's run (a workdir or a step dir);
   # llm_from / vit_from: only the decoder / the image encoder, from any checkpoint that has
-  # them (`python -m mm15_jax.convert import` output or a run). The rest starts fresh.
+  # them (`python -m mm15_jax.convert import` output or a run); connector_from: the connector
+  # likewise (e.g. an object_boxes encoder stage's, which holds vit and connector). The rest starts fresh.
   # upcycle_from: an MoE run from a dense run's checkpoint (this config with moe.num_experts=0):
   # each expert a copy of its layer's FFN, routers fresh (mm15_jax/train/upcycle.py).
-  c.init = dict(from_checkpoint="", llm_from="", vit_from="", upcycle_from="")
+  c.init = dict(from_checkpoint="", llm_from="", vit_from="", connector_from="", upcycle_from="")
   # every=0: evaluate only at the end. generate_per_task > 0: after training, answer that many
   # held-out questions per built-in task by generation (accuracy per task, a grounding PNG).
   # best_metric (e.g. "loss", "qa/loss", or with generation "task_accuracy", "task/ground";

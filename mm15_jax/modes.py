@@ -106,6 +106,12 @@ class WandbMode(Mode):
   OFFLINE = "offline"
 
 
+class Objective(Mode):
+  """train.objective: what a run trains (mm15_jax/train/main.py picks the loop)."""
+  NEXT_TOKEN = "next_token"  # the whole model on token rows (train/loop.py)
+  OBJECT_BOXES = "object_boxes"  # the image encoder alone on labelled built-in tiles (train/encoder_stage.py)
+
+
 # Each mode's config field (dotted, under `config.`): what its errors name.
 FIELDS = {
     Remat: "model.remat",
@@ -120,6 +126,7 @@ FIELDS = {
     Overlong: "data.overlong",
     BestMode: "eval.best_mode",
     WandbMode: "log.wandb.mode",
+    Objective: "train.objective",
 }
 
 

@@ -104,7 +104,7 @@ def experiment_specs():
     if name == "tiny.py":
       args = (None, *configs.STAGES)
     elif name == "tiny_spatial.py":
-      args = (None, "sft")  # no argument: its first stage
+      args = (None, "encoder", "sft")  # no argument: the spatial stage
     elif name in ("mm15_ui.py", "mm15_video.py"):
       args = ("tiny", *(f"{size},{stage}" for size in configs.NOMINAL_PARAMS for stage in configs.STAGES))
     elif name.startswith("mm15_"):

@@ -31,7 +31,7 @@ def cases() -> list[str]:
     elif name == "tiny.py":
       args = ["", *configs.STAGES]
     elif name == "tiny_spatial.py":
-      args = ["", "sft"]
+      args = ["", "encoder", "sft"]
     elif name.startswith("mm15_"):
       args = list(configs.STAGES)
     else:

@@ -229,14 +229,15 @@ def test_paper_recipe_prints_each_stage_chained(tmp_path):
   assert "--dependency=afterok:<pretrain job id>" in lines[1] and "--config.mesh.fsdp=8" in lines[2]
 
 
-def test_spatial_experiment_chains_its_two_stages(tmp_path):
-  """experiments/tiny_spatial.py: the spatial stage, then the quick start's mixture from it."""
+def test_spatial_experiment_chains_its_stages(tmp_path):
+  """experiments/tiny_spatial.py: an encoder, the spatial stage from it, then the quick start's
+  mixture from that (the encoder's handoff: tests/test_encoder_stage.py)."""
   path = os.path.join(ROOT, "experiments", "tiny_spatial.py")
   entries = recipe.plan(path, str(tmp_path), [], [])
-  assert [e["stage"] for e in entries] == ["spatial", "sft"]
-  assert f"--config.init.from_checkpoint={tmp_path / 'spatial'}" in entries[1]["args"]
+  assert [e["stage"] for e in entries] == ["encoder", "spatial", "sft"]
+  assert f"--config.init.from_checkpoint={tmp_path / 'spatial'}" in entries[2]["args"]
   spatial, sft = (configs.load_experiment(f"{path}:{stage}") for stage in ("spatial", "sft"))
   quick = configs.load_experiment(os.path.join(ROOT, "experiments", "tiny.py"))
-  assert not spatial.data.anyres.enabled and sft.data.anyres.enabled
+  assert not spatial.data.anyres.enabled and not sft.data.anyres.enabled  # the encoder's single tiles
   assert sft.data.sources.to_dict() == quick.data.sources.to_dict() and sft.train.lr < quick.train.lr
   assert spatial.model.to_dict() == sft.model.to_dict() == quick.model.to_dict()  # one model: nothing to resize

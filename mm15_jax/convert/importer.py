@@ -21,12 +21,11 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from data_pipelines import storage, tokenizer_json
 from data_pipelines import tokenizer as tokenizer_lib
 from data_pipelines.progress import Progress
+from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax import configs, run_record
 from mm15_jax import sharding as shd
 from mm15_jax.convert import public_decoder, public_moe_decoder, public_vision, tensor_map
@@ -135,11 +134,7 @@ def add_image_token(llm_params: dict, part: dict, tokenizer):
 
 
 def save_part(out_dir: str, kind: str, params) -> None:
-  manager = ocp.CheckpointManager(epath.Path(storage.absolute(out_dir)) / "checkpoints",
-                                  options=ocp.CheckpointManagerOptions(create=True), item_names=("params",))
-  manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave({kind: params})))
-  manager.wait_until_finished()
-  manager.close()
+  ckpt_lib.save_params(ckpt_lib.workdir_checkpoints(storage.absolute(out_dir)), 0, {kind: params})
 
 
 CONFIG_TEMPLATE = '''"""{title}, imported by `python -m mm15_jax.convert import` from

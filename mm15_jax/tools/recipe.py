@@ -8,8 +8,10 @@ The stages are the experiment file's `STAGES` (a dict or a sequence of names, in
 paper's pretrain, cpt, sft; `--stages=cpt,sft` runs some of them. Stage k runs `FILE:<stage>` with
 `--config.init.from_checkpoint=WORKDIR/<stage k-1>` (its last checkpoint), so it starts with the
 previous stage's params (position grids resized to its image size) and its own optimizer,
-schedule and data. A stage whose workdir already has a checkpoint at its last step is skipped,
-so relaunching the recipe after an interruption resumes the interrupted stage and goes on.
+schedule and data; after a stage that trains the image encoder alone (`train.objective=
+"object_boxes"`), with `--config.init.vit_from` and `--config.init.connector_from` instead. A
+stage whose workdir already has a checkpoint at its last step is skipped, so relaunching the
+recipe after an interruption resumes the interrupted stage and goes on.
 
 Arguments after `--` go to every stage's trainer (`-- --config.train.steps=100 --config.mesh.fsdp=8`).
 Launchers: local (this machine, in turn; `--processes=N` through launch/local.sh), tpu (every
@@ -63,21 +65,25 @@ def plan(path: str, workdir: str, stages: list[str], extra: list[str], check_pro
   if unknown:
     raise ValueError(f"--stages: {unknown} are not stages of {path} (it has {known})")
   overrides = [a for a in extra if a.startswith("--config.")]
-  entries, previous = [], None
+  entries, previous, previous_encoder_only = [], None, False
   for stage in stages or known:
     config = stage_config(path, stage, overrides)
     if not config.checkpoint.every:
       raise ValueError(f"{path}:{stage}: config.checkpoint.every=0 saves nothing, so no next stage could "
                        "start from it; set --config.checkpoint.every=N (the last step is always saved)")
     stage_dir = storage.join(workdir, stage)
-    # A later stage's own override wins over the experiment's (placeholder) start.
-    start = {"init.from_checkpoint": storage.join(workdir, previous)} if previous else {}
+    # A later stage's own override wins over the experiment's (placeholder) start. After an
+    # encoder stage (train.objective="object_boxes") only the ViT and connector exist to start from.
+    start = {}
+    if previous:
+      parts = ("vit_from", "connector_from") if previous_encoder_only else ("from_checkpoint",)
+      start = {f"init.{part}": storage.join(workdir, previous) for part in parts}
     done = stage_progress(stage_dir) if check_progress else None
     entries.append(dict(stage=stage, workdir=stage_dir, steps=config.train.steps, done_steps=done,
                         finished=done is not None and done >= config.train.steps,
                         args=trainer_args(f"{path}:{stage}", stage_dir, {}, extra)
                         + [f"--config.{k}={v}" for k, v in start.items()]))
-    previous = stage
+    previous, previous_encoder_only = stage, config.train.objective == "object_boxes"
   return entries
 
 

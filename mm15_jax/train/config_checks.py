@@ -168,7 +168,7 @@ def range_errors(config) -> list[str]:
 def init_path_errors(config) -> list[str]:
   """Each init.* path exists, named by its own field."""
   errors = []
-  for field in ("from_checkpoint", "llm_from", "vit_from", "upcycle_from"):
+  for field in ("from_checkpoint", "llm_from", "vit_from", "connector_from", "upcycle_from"):
     path = config.init[field]
     if path and not storage.exists(path):
       errors.append(f"init.{field}={path!r}: no such run or checkpoint; give a run's workdir, its checkpoints/ or "

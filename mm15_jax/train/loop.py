@@ -97,8 +97,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         state["params"] = upcycle.load_upcycled(config.init.upcycle_from, setup, state["params"],
                                                 grids=grids, report=handoff_notes.append)
         origin += f", upcycled from {config.init.upcycle_from}"
-      parts = {part: path for part, path in (("llm", config.init.llm_from), ("vit", config.init.vit_from)) if path}
-      if parts:  # e.g. public weights brought in by `python -m mm15_jax.convert import`
+      parts = {part: config.init[f"{part}_from"] for part in ("llm", "vit", "connector") if config.init[f"{part}_from"]}
+      if parts:  # public weights brought in by `python -m mm15_jax.convert import`, an encoder stage
         state["params"] = ckpt_lib.load_param_parts(state["params"], setup.abstract_state["params"], parts,
                                                     grids=grids, report=handoff_notes.append)
         origin += ", " + ", ".join(f"{part} from {path}" for part, path in parts.items())

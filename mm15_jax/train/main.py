@@ -28,8 +28,15 @@ def main(argv):
   distributed.initialize()  # multi-host: --coordinator_address=... or MM15_DISTRIBUTED=1
   cli.use_compilation_cache()
 
+  from mm15_jax import modes
   from mm15_jax.hardware_rules import apply_hardware_rules
   from mm15_jax.train.loop import train_and_evaluate
+
+  if modes.parse(modes.Objective, _CONFIG.value.train.objective) == modes.Objective.OBJECT_BOXES:
+    from mm15_jax.train.encoder_stage import train_encoder  # the image encoder alone: no decoder, no token rows
+
+    train_encoder(_CONFIG.value, _WORKDIR.value, progress=not _NO_PROGRESS.value)
+    return
 
   # Before the mesh exists: a rule may change it. Fields set on the command line win over rules.
   config = apply_hardware_rules(
