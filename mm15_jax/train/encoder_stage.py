@@ -5,9 +5,9 @@ its decoder learns tokens that hold little of what is where (benchmarks/RESULTS.
 tiny model does not ground"). This stage gives the tiny experiments an encoder to start from:
 the config's ViT and connector, with a small head on each of the tile's tokens, learn from
 labelled built-in tiles (data_pipelines/builtin/object_boxes.py) which colour of object is
-centred in each token's cell and that object's box. The head is dropped; the checkpoint holds params {"vit", "connector"}, which the
-next stage loads with `init.vit_from` and `init.connector_from` (mm15_jax.tools.recipe sets
-both after such a stage). docs/recipe.md, "A pretrained encoder for the tiny model".
+centred in each token's cell and that object's box. The head is dropped; the checkpoint
+holds params {"vit", "connector"}, which the next stage loads with `init.vit_from` and
+`init.connector_from` (mm15_jax.tools.recipe sets both after such a stage). docs/recipe.md, "A pretrained encoder for the tiny model".
 
 Data parallel over every device of every process (each process draws its own tiles); the
 checkpoint is written once, at the last step: an interrupted stage starts again (it is minutes
