@@ -7,7 +7,8 @@ the config's ViT and connector, with a small head on each of the tile's tokens, 
 labelled built-in tiles (data_pipelines/builtin/object_boxes.py) which colour of object is
 centred in each token's cell and that object's box. The head is dropped; the checkpoint
 holds params {"vit", "connector"}, which the next stage loads with `init.vit_from` and
-`init.connector_from` (mm15_jax.tools.recipe sets both after such a stage). docs/recipe.md, "A pretrained encoder for the tiny model".
+`init.connector_from` (mm15_jax.tools.recipe sets both after such a stage). docs/recipe.md,
+"A pretrained encoder for the tiny model".
 
 Data parallel over every device of every process (each process draws its own tiles); the
 checkpoint is written once, at the last step: an interrupted stage starts again (it is minutes
