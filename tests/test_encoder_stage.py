@@ -3,6 +3,8 @@ references computed here, and the handoff of its ViT and connector to the next s
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -144,3 +146,33 @@ def test_bad_encoder_configs_are_refused_by_field():
   config = stage("encoder", ("init.vit_from", "/somewhere"))
   with pytest.raises(ValueError, match=r"config.init.vit_from='/somewhere'"):
     encoder_stage.check_encoder_config(config)
+
+
+def test_two_processes_train_the_encoder_one_process_trains(tmp_path):
+  """launch/local.sh 2 (4 devices each) against one process of 8: the same batches, so the same
+  saved encoder; process 0 alone writes the metrics."""
+  flags = ["--config.train.steps=4", "--config.train.batch_size=16", "--config.eval.every=0",
+           "--config.train.warmup_steps=1", "--config.log_every=1"]
+  env = {**os.environ, "PYTHON": sys.executable, "MM15_LOCAL_DEVICES": "8"}
+  env.pop("XLA_FLAGS", None)  # local.sh gives each process its share
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "--", f"--config={SPATIAL}:encoder",
+                        f"--workdir={tmp_path / 'two'}", "--no_progress", *flags],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  log = out.stdout + out.stderr
+  assert out.returncode == 0, log[-3000:]
+  assert log.count("encoder saved:") == 1
+  config = stage("encoder", ("train.steps", 4), ("train.batch_size", 16), ("eval.every", 0),
+                 ("train.warmup_steps", 1), ("log_every", 1))
+  encoder_stage.train_encoder(config, str(tmp_path / "one"), progress=False)
+  abstract = state_lib.make_setup(stage("spatial"), shd.mesh_for_config(stage("spatial"))).abstract_state["params"]
+  one, two = (jax.device_get(ckpt_lib.load_param_parts({}, abstract, {"vit": str(d), "connector": str(d)}))
+              for d in (tmp_path / "one", tmp_path / "two"))
+  # Adam turns the last-bit differences of a sum over 8 devices in another order into steps
+  # of up to the learning rate on near-zero gradients: a loose absolute tolerance on params
+  # (other batches would move them ~1e-3), a tight one on the losses.
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-4)
+  losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if "loss" in r]
+            for d in ("one", "two")]
+  assert len(losses[1]) == 4
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

@@ -10,7 +10,7 @@ holds params {"vit", "connector"}, which the next stage loads with `init.vit_fro
 `init.connector_from` (mm15_jax.tools.recipe sets both after such a stage). docs/recipe.md,
 "A pretrained encoder for the tiny model".
 
-Data parallel over every device of every process (each process draws its own tiles); the
+Data parallel over every device of every process (the same batches whatever their number); the
 checkpoint is written once, at the last step: an interrupted stage starts again (it is minutes
 long), and a finished one is what `stage_progress` and the recipe see.
 """
@@ -36,7 +36,7 @@ from mm15_jax.train.optimizer import learning_rate_schedule
 
 NUM_COLORS = len(object_boxes.COLOR_NAMES)
 HELD_OUT = 512  # tiles, drawn from their own seed: the same on every process and every run
-TRAIN_TILES = 24_576  # drawn once, over all processes (~10 s); batches sample them with replacement
+TRAIN_TILES = 24_576  # drawn once (~10 s); batches sample them with replacement
 
 
 class ObjectBoxHead(nnx.Module):
@@ -130,7 +130,8 @@ def train_encoder(config, workdir: str, *, progress: bool = True) -> dict:
   if ckpt_lib.path_exists(directory) and (ckpt_lib.latest_step(directory) or 0) >= t.steps:
     print(f"mm15_jax: {workdir} already holds the encoder at step {t.steps}", flush=True)
     return {}
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+  # Process by process, so that process p's devices hold rows [p * local, (p + 1) * local).
+  mesh = Mesh(np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ("data",))
   launch = run_record.write_run_files(config, workdir, mesh)
   tile = config.model.vit.image_size
 
@@ -157,18 +158,20 @@ def train_encoder(config, workdir: str, *, progress: bool = True) -> dict:
     logits, pred = jax.device_get(predict(model, jax.device_put(held_out["tiles"], replicated)))
     return score(np.asarray(logits), np.asarray(pred), held_out["present"], held_out["boxes"])
 
-  # Each process draws its own share of the training tiles once (drawing them every step would
-  # take longer than the step: ~0.4 ms a tile in Python) and samples its part of every batch.
-  rng = np.random.default_rng([config.seed, 2, jax.process_index()])
+  # The training tiles are drawn once (drawing them every step would take longer than the step:
+  # ~0.4 ms a tile in Python), the same on every process; every process draws the same global
+  # batch indices and takes its devices' rows: the batches do not depend on the process count.
+  pool = object_boxes.labelled_tiles(np.random.default_rng([config.seed, 2]), TRAIN_TILES, tile)
+  order = np.random.default_rng([config.seed, 3])
   local = t.batch_size // jax.process_count()
-  pool = object_boxes.labelled_tiles(rng, max(TRAIN_TILES // jax.process_count(), local), tile)
+  mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
   writer = MetricsWriter(workdir, t.steps, 0, progress=progress, config=config, run_record=launch)
   writer.message(f"mm15_jax: encoder stage (object_boxes) on {tile}-px tiles, batch {t.batch_size}, "
                  f"{t.steps} steps, mesh {dict(mesh.shape)}")
   result, start = {}, time.perf_counter()
   try:
     for step in range(1, t.steps + 1):
-      pick = rng.integers(0, len(pool["tiles"]), local)
+      pick = order.integers(0, TRAIN_TILES, t.batch_size)[mine]
       batch = {k: v[pick] for k, v in pool.items()}
       arrays = [jax.make_array_from_process_local_data(by_example, batch[k]) for k in ("tiles", "present", "boxes")]
       out = train_step(model, optimizer, *arrays)
