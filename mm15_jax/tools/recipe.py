@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from data_pipelines import storage
 from mm15_jax import checkpoint as ckpt_lib
-from mm15_jax import cli, configs
+from mm15_jax import cli, configs, modes
 from mm15_jax.launch_commands import LAUNCHERS, command, gke_manifest, trainer_args
 
 
@@ -83,7 +83,8 @@ def plan(path: str, workdir: str, stages: list[str], extra: list[str], check_pro
                         finished=done is not None and done >= config.train.steps,
                         args=trainer_args(f"{path}:{stage}", stage_dir, {}, extra)
                         + [f"--config.{k}={v}" for k, v in start.items()]))
-    previous, previous_encoder_only = stage, config.train.objective == "object_boxes"
+    objective = modes.parse(modes.Objective, config.train.objective)  # a typo is named here, before any stage runs
+    previous, previous_encoder_only = stage, objective == modes.Objective.OBJECT_BOXES
   return entries
 
 
