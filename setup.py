@@ -33,7 +33,8 @@ setuptools.setup(
     extras_require={
         # Accelerators: jax's own extras, which pin the libtpu / CUDA plugin matching jaxlib.
         "tpu": ["jax[tpu]"],
-        "gpu": ["jax[cuda12]"],
+        # tokamax: the dropless MoE's grouped matmul on GPU (models/grouped_matmul.py).
+        "gpu": ["jax[cuda12]", "tokamax>=0.0.12"],
         # Data sources beyond JSONL, ArrayRecord and WebDataset.
         "parquet": ["pyarrow>=16.0"],  # kind="parquet" (data_pipelines.sources.parquet)
         "tfds": ["tensorflow-datasets>=4.9.9"],  # kind="tfds"
@@ -44,8 +45,9 @@ setuptools.setup(
         # torch/transformers: the public implementation the import parity tests compare with
         # (CPU wheel; on Python >= 3.12 those tests are skipped rather than pulling a CUDA build).
         # libtpu (unpinned): ahead-of-time compiles for TPU topologies (mm15_jax.plan) on a CPU host.
-        # gcp-storage-emulator: the tests' GCS (tests/gcs_emulator.py).
-        "test": ["pytest>=8.0", "libtpu", "torch==2.13.0; python_version < '3.12'",
+        # gcp-storage-emulator: the tests' GCS (tests/gcs_emulator.py). tokamax: the MoE's GPU path
+        # (its XLA implementation on CPU).
+        "test": ["pytest>=8.0", "libtpu", "tokamax>=0.0.12", "torch==2.13.0; python_version < '3.12'",
                  "transformers>=4.45; python_version < '3.12'", "gcsfs>=2024.6.0", "google-cloud-storage>=2.14",
                  "gcp-storage-emulator>=2024.8.3", "pyarrow>=16.0", "tensorflow-datasets>=4.9.9", "wandb>=0.19"],
     },

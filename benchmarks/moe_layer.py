@@ -3,6 +3,10 @@
   python benchmarks/moe_layer.py                         # CPU-sized defaults
   python benchmarks/moe_layer.py --d=2048 --f=8192 --experts=64 --tokens=16384 --dtype=bfloat16   # GPU
 
+Paths (--impls, model.moe.impl's values): by default every one that runs natively on this
+backend: ragged and capacity everywhere, tokamax where installed, megablox on TPU only (elsewhere
+it is Pallas' interpreter).
+
 The dense MLP has hidden size top_k * f, so a token touches as many weights in both. Each
 forward+backward is timed after compile and warm-up; MFU counts 6 * active matmul params per
 token (router included for MoE) against a large matmul measured in the same run.
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mm15_jax import modes
+from mm15_jax.models import grouped_matmul
 from mm15_jax.models.moe import MoE
 from mm15_jax.train import flops as flops_lib
 
@@ -32,6 +36,15 @@ def swiglu_params(key, d, f, dtype):
 def dense_loss(p, x):
   h = jax.nn.silu(x @ p["gate"]) * (x @ p["up"])
   return jnp.mean(jnp.square((h @ p["down"]).astype(jnp.float32)))
+
+
+def native_impls(backend: str) -> list[str]:
+  impls = ["ragged", "capacity"]
+  if grouped_matmul.tokamax_installed():
+    impls.insert(1, "tokamax")
+  if backend == "tpu":
+    impls.insert(1, "megablox")
+  return impls
 
 
 def timed(fn, *args, steps):
@@ -53,7 +66,9 @@ def main():
   parser.add_argument("--tokens", type=int, default=4096)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--impls", default="", help="comma-separated model.moe.impl values (default: this backend's)")
   args = parser.parse_args()
+  impls = args.impls.split(",") if args.impls else native_impls(jax.default_backend())
   dtype = jnp.dtype(args.dtype)
   d, f, e, k, t = args.d, args.f, args.experts, args.top_k, args.tokens
   x = jax.random.normal(jax.random.key(0), (1, t, d), dtype)
@@ -66,7 +81,7 @@ def main():
   seconds = timed(grad_dense, dense, x[0], steps=args.steps)
   results["dense"] = dict(step_s=seconds, tokens_per_s=t / seconds, tflops=6 * active * t / seconds / 1e12)
 
-  for impl in modes.values(modes.MoeImpl):
+  for impl in impls:
     settings = dict(num_experts=e, top_k=k, interval=1, expert_mlp_dim=f, impl=impl, capacity_factor=1.25)
     layer = MoE(d, settings, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer, nnx.Param)
@@ -82,7 +97,7 @@ def main():
   on_cpu = jax.default_backend() == "cpu"
   peak = flops_lib.measured_matmul_flops(2048 if on_cpu else 8192, dtype, repeats=3 if on_cpu else 20)
   results["matmul_peak_tflops"] = peak / 1e12
-  for name in ("dense",) + modes.values(modes.MoeImpl):
+  for name in ["dense"] + impls:
     results[name]["mfu_vs_measured_matmul"] = results[name]["tflops"] * 1e12 / peak
     results[name]["speed_vs_dense"] = results["dense"]["step_s"] / results[name]["step_s"]
   print(json.dumps(results))

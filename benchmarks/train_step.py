@@ -43,6 +43,11 @@ PRESETS = {
     # The MM1.5-1B multimodal model: 4096 tokens with 4 x 144 image tokens (378 px tiles).
     "mm15_1b": dict(size="1b", vit="H/14", vocab=32768, seq=4096, batch=4, dtype="bfloat16",
                     remat="full", tiles=4),
+    # MM1.5-1B-MoE's decoder (64 experts of the dense FFN's size, top-2, every other layer) cut to
+    # 2 layers, the second MoE, so that its 3.4B parameters and their fp32 AdamW state (54 GB) fit
+    # one 80 GB GPU; bf16, text only. The MoE impl is --moe_impl's.
+    "llm_1b_moe_2l": dict(size="1b", moe="1b", layers=2, vocab=32768, seq=4096, batch=4, dtype="bfloat16",
+                          remat="full", tiles=0),
 }
 
 
@@ -63,6 +68,9 @@ def preset_config(preset: dict, remat: str | None):
   if "size" in preset:
     c.model = configs.model_config(preset["size"], preset.get("vit", "tiny"), 378 if "vit" in preset else 32,
                                    preset["vocab"])
+    if "moe" in preset:
+      c.model.moe.update(configs.MOE_SIZES[preset["moe"]])
+      c.model.llm.n_layers = preset["layers"]
   else:
     llm = c.model.llm
     llm.n_layers, llm.d_model = preset["layers"], preset["d"]
@@ -116,6 +124,8 @@ def main():
   parser.add_argument("--remat", default=None, choices=(None,) + modes.values(modes.Remat))
   parser.add_argument("--scan_unroll", type=int, default=None,
                       help="config.model.scan_unroll (default: the config's, 0: auto, every layer on CPU)")
+  parser.add_argument("--moe_impl", default=None, choices=(None,) + modes.values(modes.MoeImpl),
+                      help="config.model.moe.impl (default: the config's, auto)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=0)
   parser.add_argument("--loss_chunk", type=int, default=None,
@@ -129,6 +139,8 @@ def main():
   config = make_config(PRESETS[args.preset], args.attention, args.remat)
   if args.batch:
     config.train.batch_size = args.batch
+  if args.moe_impl is not None:
+    config.model.moe.impl = args.moe_impl
   if args.scan_unroll is not None:
     config.model.scan_unroll = args.scan_unroll
   if args.loss_chunk is not None:

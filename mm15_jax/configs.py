@@ -92,7 +92,7 @@ def model_config(size: str, vit: str, image_size: int, vocab_size: int) -> ml_co
       # added to the training loss with these weights (docs/recipe.md, "Mixture of experts"), each averaged over the
       # MoE layers (not summed), so a weight means the same at any depth. expert_mlp_dim=0:
       # the dense mlp_dim, which init.upcycle_from needs. impl: modes.MoeImpl ("auto": the
-      # megablox kernel on TPU, ragged_dot elsewhere).
+      # megablox kernel on TPU, tokamax's on GPU, ragged_dot on CPU).
       moe=dict(num_experts=0, top_k=2, interval=2, expert_mlp_dim=0, impl="auto", capacity_factor=1.25,
                lb_loss_weight=0.01, z_loss_weight=0.001),
       dtype="bfloat16",  # compute dtype

@@ -36,9 +36,10 @@ class AttentionImpl(Mode):
 
 class MoeImpl(Mode):
   """model.moe.impl (models/moe.py)."""
-  AUTO = "auto"  # megablox on TPU, ragged elsewhere
+  AUTO = "auto"  # megablox on TPU, tokamax on GPU, ragged elsewhere
   RAGGED = "ragged"  # dropless, jax.lax.ragged_dot
   MEGABLOX = "megablox"  # dropless, the Pallas grouped-matmul kernel (interpreted off TPU)
+  TOKAMAX = "tokamax"  # dropless, tokamax.ragged_dot: Mosaic GPU / Triton kernels (XLA's elsewhere)
   CAPACITY = "capacity"
 
 

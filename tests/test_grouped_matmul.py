@@ -1,11 +1,14 @@
 """The grouped matmul of the dropless MoE path: each kernel against a float64 loop over groups,
-values and gradients, with empty groups and rows past the groups; the kernel per backend."""
+values and gradients, with empty groups and rows past the groups; the kernel per backend.
+("tokamax" runs tokamax's XLA implementation here: its GPU kernels need a GPU.)"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mm15_jax.models import grouped_matmul as gmm_lib
+from mm15_jax.models import moe as moe_lib
 from mm15_jax.models.grouped_matmul import grouped_matmul, kernel_for, megablox_tiling
 
 
@@ -18,7 +21,7 @@ def loop_reference(lhs, rhs, sizes):
   return out  # rows past sum(sizes) stay zero
 
 
-@pytest.mark.parametrize("kernel", ["ragged", "megablox"])
+@pytest.mark.parametrize("kernel", ["ragged", "megablox", "tokamax"])
 @pytest.mark.parametrize("sizes", [(10, 0, 30, 20), (0, 70, 0, 0), (5, 5, 5, 5)])  # m = 70: rows past the groups
 def test_each_kernel_matches_a_float64_loop(kernel, sizes):
   rng = np.random.default_rng(0)
@@ -46,7 +49,19 @@ def test_megablox_tiles_fit_the_shapes_both_ways():
   assert megablox_tiling(4096, 2048, 1408) == (512, 128, 128)  # 1408 = 11 x 128
 
 
-def test_auto_is_megablox_on_tpu_and_ragged_dot_elsewhere():
+def test_auto_is_megablox_on_tpu_tokamax_on_gpu_and_ragged_dot_on_cpu(monkeypatch, caplog):
   assert kernel_for("auto", "tpu") == "megablox"
-  assert kernel_for("auto", "gpu") == kernel_for("auto", "cpu") == "ragged"
+  assert kernel_for("auto", "gpu") == "tokamax"  # the test extra installs it, as the gpu extra does
+  assert kernel_for("auto", "cpu") == "ragged"
   assert kernel_for("ragged", "tpu") == "ragged" and kernel_for("megablox", "cpu") == "megablox"
+  # Without tokamax, a GPU falls back to ragged_dot and the log says why and how to fix it.
+  monkeypatch.setattr(gmm_lib, "tokamax_installed", lambda: False)
+  with caplog.at_level("WARNING"):
+    assert kernel_for("auto", "gpu") == "ragged"
+  assert "pip install 'mm15_jax[gpu]'" in caplog.text
+  with pytest.raises(ImportError, match=r"mm15_jax\[gpu\]"):
+    grouped_matmul(jnp.ones((4, 8)), jnp.ones((2, 8, 8)), jnp.array([2, 2]), "tokamax", platform="gpu")
+  # An explicit impl="tokamax" without tokamax is a config error, before anything is built.
+  monkeypatch.setattr(moe_lib, "tokamax_installed", lambda: False)
+  with pytest.raises(ValueError, match=r"model.moe.impl='tokamax' needs the tokamax package"):
+    moe_lib.check_moe(dict(impl="tokamax", num_experts=4, top_k=2, interval=1), 2)

@@ -7,7 +7,17 @@ Rows [start_g, start_g + sizes[g]) use rhs[g]; rows past sum(sizes) come out zer
   "ragged"    jax.lax.ragged_dot, which lowers on every backend
   "megablox"  the Pallas grouped matmul (megablox) that ships with JAX: a TPU kernel, tiled for
               the shapes here; elsewhere it runs in Pallas' interpret mode (slow: for tests)
+  "tokamax"   `tokamax.ragged_dot` (the `gpu` extra): Mosaic GPU kernels on Hopper and Blackwell
+              for the product and both gradients (the weights' one contracts over the ragged
+              rows), Triton on other NVIDIA GPUs, its autotuned tilings; XLA's ragged_dot elsewhere
+
+On GPU, XLA lowers `jax.lax.ragged_dot` to a product over every group for every row (G times
+the FLOPs: 1.6% of a same-run matmul at 64 experts, benchmarks/RESULTS.md), hence tokamax there.
 """
+
+import functools
+import importlib.util
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +25,34 @@ from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 from mm15_jax import modes
 
+TOKAMAX_MISSING = ("model.moe.impl='tokamax' needs the tokamax package, which the gpu extra installs: "
+                   "pip install 'mm15_jax[gpu]' (or pip install tokamax); or set --config.model.moe.impl=ragged")
+
+
+@functools.cache
+def tokamax_installed() -> bool:
+  return importlib.util.find_spec("tokamax") is not None
+
 
 def kernel_for(impl: str, platform: str) -> str:
-  """The grouped-matmul kernel of moe.impl on `platform`: "auto" is megablox on TPU, ragged_dot elsewhere."""
+  """The grouped-matmul kernel of moe.impl on `platform`: "auto" is megablox on TPU, tokamax on GPU
+  (ragged_dot, with a warning naming the fix, where tokamax is not installed), ragged_dot on CPU."""
   impl = modes.parse(modes.MoeImpl, impl)
-  if impl == modes.MoeImpl.AUTO:
-    return modes.MoeImpl.MEGABLOX if platform == "tpu" else modes.MoeImpl.RAGGED
-  return impl
+  if impl != modes.MoeImpl.AUTO:
+    return impl
+  if platform == "tpu":
+    return modes.MoeImpl.MEGABLOX
+  if platform == "gpu":
+    if tokamax_installed():
+      return modes.MoeImpl.TOKAMAX
+    _warn_once(f"MoE on GPU runs jax.lax.ragged_dot, which XLA computes over every expert for every "
+               f"row: {TOKAMAX_MISSING}")
+  return modes.MoeImpl.RAGGED
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  logging.warning(message)
 
 
 def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
@@ -43,8 +74,10 @@ def grouped_matmul(lhs, rhs, sizes, kernel: str = modes.MoeImpl.RAGGED, platform
   sizes = sizes.astype(jnp.int32)
   if kernel == modes.MoeImpl.RAGGED:
     return jax.lax.ragged_dot(lhs, rhs, sizes)
+  if kernel == modes.MoeImpl.TOKAMAX:
+    return _tokamax(lhs, rhs, sizes)
   if kernel != modes.MoeImpl.MEGABLOX:
-    raise ValueError(f"grouped_matmul: kernel {kernel!r} is not one of ('ragged', 'megablox')")
+    raise ValueError(f"grouped_matmul: kernel {kernel!r} is not one of ('ragged', 'megablox', 'tokamax')")
   (m, k), n = lhs.shape, rhs.shape[2]
   # TPU tiles are multiples of 128 lanes: k and n are padded with zeros to one (the paper sizes
   # need none), m to a multiple of the row tile.
@@ -59,3 +92,16 @@ def grouped_matmul(lhs, rhs, sizes, kernel: str = modes.MoeImpl.RAGGED, platform
   out = megablox.gmm(x, w, sizes, lhs.dtype, (tm, tk, tn), None, None, False,
                      platform != "tpu")  # output type, tiling, group offset, existing out, transpose, interpret
   return jnp.where(filled, out, 0)[:m, :n]
+
+
+def _tokamax(lhs, rhs, sizes):
+  if not tokamax_installed():
+    raise ImportError(TOKAMAX_MISSING)
+  import tokamax  # pylint: disable=import-outside-toplevel  (an optional extra)
+
+  # tokamax picks its kernel per GPU (and falls back to XLA where none applies). The GPU kernels
+  # write only the groups' rows: rows past sum(sizes) go in as zeros (a zero gradient) and come
+  # out as zeros, as jax.lax.ragged_dot defines them.
+  filled = (jnp.arange(lhs.shape[0]) < jnp.sum(sizes))[:, None]
+  out = tokamax.ragged_dot(jnp.where(filled, lhs, 0), rhs, sizes)
+  return jnp.where(filled, out, 0).astype(lhs.dtype)

@@ -1,9 +1,11 @@
 """Mixture-of-experts feed-forward layer: top-k router, SwiGLU experts, expert parallelism.
 
 `config.model.moe.impl` picks how tokens reach their experts:
-  "auto"      "megablox" on TPU, "ragged" elsewhere (the backend the program is compiled for)
+  "auto"      "megablox" on TPU, "tokamax" on GPU, "ragged" on CPU (the backend the program is
+              compiled for)
   "ragged"    dropless: assignments sorted by expert, one grouped matmul (`jax.lax.ragged_dot`)
   "megablox"  the same with the Pallas grouped-matmul kernel (models/grouped_matmul.py)
+  "tokamax"   the same with tokamax's GPU kernels (models/grouped_matmul.py; the gpu extra)
   "capacity"  each expert takes at most C = ceil(capacity_factor * tokens * top_k / experts)
               assignments per token shard (tokens: the shard's token slots, padding included);
               the rest are dropped (counted) and contribute zero
@@ -38,12 +40,13 @@ from jax.sharding import PartitionSpec as P
 
 from mm15_jax import modes
 from mm15_jax import sharding as shd
-from mm15_jax.models.grouped_matmul import grouped_matmul, kernel_for
+from mm15_jax.models.grouped_matmul import TOKAMAX_MISSING, grouped_matmul, kernel_for, tokamax_installed
 
 
 def check_moe(moe_cfg, n_layers: int) -> None:
   """Clear errors for a bad `config.model.moe` before anything is built."""
-  modes.parse(modes.MoeImpl, moe_cfg["impl"])
+  if modes.parse(modes.MoeImpl, moe_cfg["impl"]) == modes.MoeImpl.TOKAMAX and not tokamax_installed():
+    raise ValueError(TOKAMAX_MISSING)
   e, k, interval = moe_cfg["num_experts"], moe_cfg["top_k"], moe_cfg["interval"]
   if not 1 <= k <= e:
     raise ValueError(f"config.model.moe.top_k={k} must be in [1, num_experts={e}]")
@@ -328,7 +331,7 @@ def moe_tokens(x, valid, weights, *, top_k: int, impl: str, capacity_factor: flo
                                 tensor_axes=tensor_axes, **kw),
       # Pallas kernels carry no varying-axes types: shard_map cannot check them.
       mesh=mesh, in_specs=(tok, tok, w_specs), out_specs=(tok, P()),
-      check_vma=kernel_for(impl, platform) != modes.MoeImpl.MEGABLOX)
+      check_vma=kernel_for(impl, platform) not in (modes.MoeImpl.MEGABLOX, modes.MoeImpl.TOKAMAX))
   return fn(x, valid, weights)
 
 
