@@ -13,8 +13,9 @@ run --preset=llm_1b --attention=xla --remat=full
 run --preset=mm15_1b --attention=cudnn --remat=full
 # Dropless MoE: the layer's paths against a same-run matmul, then the 1B-MoE decoder's train step per path.
 timeout 300 python3 benchmarks/moe_layer.py --d=2048 --f=8192 --experts=64 --top_k=2 --tokens=16384 \
-  --dtype=bfloat16 --steps=10 --impls=ragged,tokamax,capacity 2>&1 | grep '^{' | tee "${OUT:-.}/moe_layer.jsonl"
+  --dtype=bfloat16 --steps=10 --impls=ragged,blocked,tokamax,capacity 2>&1 | grep '^{' | tee "${OUT:-.}/moe_layer.jsonl"
 run --preset=llm_1b_moe_2l --attention=cudnn --moe_impl=tokamax
+run --preset=llm_1b_moe_2l --attention=cudnn --moe_impl=blocked
 run --preset=llm_1b_moe_2l --attention=cudnn --moe_impl=capacity
 timeout 240 python3 benchmarks/generation.py --experiment=experiments/mm15_1b.py --steps_per_call=1,8 2>&1 \
   | grep '^{' | tee "${OUT:-.}/generation.jsonl"

@@ -4,7 +4,7 @@
   python benchmarks/moe_layer.py --d=2048 --f=8192 --experts=64 --tokens=16384 --dtype=bfloat16   # GPU
 
 Paths (--impls, model.moe.impl's values): by default every one that runs natively on this
-backend: ragged and capacity everywhere, tokamax where installed, megablox on TPU only (elsewhere
+backend: ragged, blocked and capacity everywhere, tokamax where installed, megablox on TPU only (elsewhere
 it is Pallas' interpreter).
 
 The dense MLP has hidden size top_k * f, so a token touches as many weights in both. Each
@@ -39,7 +39,7 @@ def dense_loss(p, x):
 
 
 def native_impls(backend: str) -> list[str]:
-  impls = ["ragged", "capacity"]
+  impls = ["ragged", "blocked", "capacity"]
   if grouped_matmul.tokamax_installed():
     impls.insert(1, "tokamax")
   if backend == "tpu":

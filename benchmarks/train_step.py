@@ -34,6 +34,8 @@ PRESETS = {
                         dtype="float32", remat="none", tiles=0),
     # experiments/tiny.py as it trains: batch 16 x 256 tokens, 16 tiles of 32 px per row, fp32.
     "tiny": dict(experiment="experiments/tiny.py"),
+    # experiments/tiny_moe.py as it trains (the MoE impl is --moe_impl's).
+    "tiny_moe": dict(experiment="experiments/tiny_moe.py"),
     # ~100M parameters on a CPU: llama-style, 12 layers, d 768, 12 heads, MLP 2048, vocab 32000
     # (134M in all, 110M in matmuls), sequence 512, batch 1, fp32, text only.
     "cpu_100m": dict(layers=12, d=768, heads=12, kv=12, mlp=2048, vocab=32000, seq=512, batch=1,

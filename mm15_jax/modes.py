@@ -36,9 +36,10 @@ class AttentionImpl(Mode):
 
 class MoeImpl(Mode):
   """model.moe.impl (models/moe.py)."""
-  AUTO = "auto"  # megablox on TPU, tokamax on GPU, ragged elsewhere
+  AUTO = "auto"  # megablox on TPU, tokamax on GPU, blocked on CPU
   RAGGED = "ragged"  # dropless, jax.lax.ragged_dot
   MEGABLOX = "megablox"  # dropless, the Pallas grouped-matmul kernel (interpreted off TPU)
+  BLOCKED = "blocked"  # dropless, a loop of one matmul per block of rows in one group (XLA)
   TOKAMAX = "tokamax"  # dropless, tokamax.ragged_dot: Mosaic GPU / Triton kernels (XLA's elsewhere)
   CAPACITY = "capacity"
 

@@ -91,7 +91,7 @@ def check_stats(stats, ref):
 
 # ---------------------------------------------------------------- paths against the reference
 
-@pytest.mark.parametrize("impl", ["ragged", "megablox", "tokamax", "capacity"])
+@pytest.mark.parametrize("impl", ["ragged", "megablox", "blocked", "tokamax", "capacity"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_paths_match_numpy_without_drops(impl, top_k):
   layer = make_layer(impl=impl, top_k=top_k, capacity_factor=float(E))  # capacity >= all tokens
@@ -155,7 +155,7 @@ def test_balancing_and_z_loss_on_hand_made_logits():
   np.testing.assert_allclose(stats["z_loss"], (3.0 + np.log(4)) ** 2, rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "megablox", "tokamax", "capacity"])
+@pytest.mark.parametrize("impl", ["ragged", "megablox", "blocked", "tokamax", "capacity"])
 def test_gradients_reach_router_and_experts(impl):
   layer = make_layer(impl=impl)
   graphdef, params = nnx.split(layer, nnx.Param)
@@ -207,7 +207,7 @@ def on_mesh(params, mesh, *batch):
   return params, tuple(jax.device_put(a, rows(a)) for a in batch)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "megablox", "tokamax", "capacity"])
+@pytest.mark.parametrize("impl", ["ragged", "megablox", "blocked", "tokamax", "capacity"])
 @pytest.mark.parametrize("axes,n", [(dict(data=1, fsdp=1, tensor=1, expert=4), 4),
                                     (dict(data=1, fsdp=2, tensor=2, expert=2), 8)])
 def test_expert_parallel_equals_single_device(impl, axes, n):

@@ -1,10 +1,11 @@
 """Mixture-of-experts feed-forward layer: top-k router, SwiGLU experts, expert parallelism.
 
 `config.model.moe.impl` picks how tokens reach their experts:
-  "auto"      "megablox" on TPU, "tokamax" on GPU, "ragged" on CPU (the backend the program is
+  "auto"      "megablox" on TPU, "tokamax" on GPU, "blocked" on CPU (the backend the program is
               compiled for)
   "ragged"    dropless: assignments sorted by expert, one grouped matmul (`jax.lax.ragged_dot`)
   "megablox"  the same with the Pallas grouped-matmul kernel (models/grouped_matmul.py)
+  "blocked"   the same as a loop of one plain matmul per block of rows of one expert (XLA)
   "tokamax"   the same with tokamax's GPU kernels (models/grouped_matmul.py; the gpu extra)
   "capacity"  each expert takes at most C = ceil(capacity_factor * tokens * top_k / experts)
               assignments per token shard (tokens: the shard's token slots, padding included);
@@ -40,7 +41,13 @@ from jax.sharding import PartitionSpec as P
 
 from mm15_jax import modes
 from mm15_jax import sharding as shd
-from mm15_jax.models.grouped_matmul import TOKAMAX_MISSING, grouped_matmul, kernel_for, tokamax_installed
+from mm15_jax.models.grouped_matmul import (
+  TOKAMAX_MISSING,
+  blocked_swiglu,
+  grouped_matmul,
+  kernel_for,
+  tokamax_installed,
+)
 
 
 def check_moe(moe_cfg, n_layers: int) -> None:
@@ -137,7 +144,9 @@ def finalize_stats(sums, top_k: int) -> dict:
 
 def _ffn_ragged(xs, sizes, w, matmul):
   """xs: [M, d] sorted by local expert, sizes: int [E_loc] -> [M, d] (rows past sum(sizes) are 0);
-  matmul: grouped_matmul with its kernel."""
+  matmul: grouped_matmul with its kernel, or None: the blocked kernel's fused SwiGLU."""
+  if matmul is None:
+    return blocked_swiglu(xs, sizes, w["gate"], w["up"], w["down"])
   g = matmul(xs, w["gate"], sizes)
   u = matmul(xs, w["up"], sizes)
   return matmul(jax.nn.silu(g) * u, w["down"], sizes)
@@ -261,7 +270,7 @@ def _local(x, valid, w, *, num_experts, top_k, impl, capacity_factor, platform, 
     ys, dropped = _capacity_path(x, experts, valid, w, num_experts, cap, exchange)
   else:
     kernel = kernel_for(impl, platform)
-    matmul = lambda a, b, s: grouped_matmul(a, b, s, kernel, platform)
+    matmul = None if kernel == modes.MoeImpl.BLOCKED else lambda a, b, s: grouped_matmul(a, b, s, kernel, platform)
     ragged = jax.lax.ragged_all_to_all if platform in ("tpu", "gpu") else padded_ragged_all_to_all
     ys, dropped = _ragged_path(x, experts, w, num_experts, ep, axis, matmul, ragged), jnp.zeros((), jnp.int32)
   y = jnp.einsum("tk,tkd->td", weights, ys.astype(jnp.float32))
@@ -329,9 +338,11 @@ def moe_tokens(x, valid, weights, *, top_k: int, impl: str, capacity_factor: flo
   fn = jax.shard_map(
       lambda x_, v_, w_: _local(x_, v_, w_, ep=ep, axis=expert_axes, batch_axes=batch_axes,
                                 tensor_axes=tensor_axes, **kw),
-      # Pallas kernels carry no varying-axes types: shard_map cannot check them.
+      # Pallas kernels carry no varying-axes types, nor do the blocked loop's skipped (zero)
+      # blocks: shard_map cannot check them.
       mesh=mesh, in_specs=(tok, tok, w_specs), out_specs=(tok, P()),
-      check_vma=kernel_for(impl, platform) not in (modes.MoeImpl.MEGABLOX, modes.MoeImpl.TOKAMAX))
+      check_vma=kernel_for(impl, platform) not in (modes.MoeImpl.MEGABLOX, modes.MoeImpl.TOKAMAX,
+                                                   modes.MoeImpl.BLOCKED))
   return fn(x, valid, weights)
 
 
