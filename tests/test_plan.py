@@ -112,6 +112,19 @@ def test_flops_count_every_chunk_of_the_fused_loss(v5p_report):
 
 
 @needs_libtpu
+def test_a_cost_analysis_below_the_model_flops_gives_no_step_time(monkeypatch):
+  # A step computes at least the model's FLOPs. When XLA's count falls short (the 30B plan with
+  # remat "proj_offload" counted 0.75x), the plan keeps its memory but estimates no time, and the
+  # sweep does not rank it by a speed it cannot have.
+  monkeypatch.setattr(estimate, "probe_flops", lambda *args: 1.0)
+  r = estimate.plan(tiny(), chips_lib.tpu_devices("v5p:2x2x1"), chips_lib.tpu_chip("v5p:2x2x1"), "v5p:2x2x1")
+  assert r["fits"] and r["bytes_per_chip"] > 0
+  assert r["flops_per_step"] is r["estimated_step_s"] is r["estimated_mfu"] is None
+  assert any("less than the step must compute" in n for n in r["notes"])
+  assert "MFU at most" not in report_lib.format_report(r)
+
+
+@needs_libtpu
 def test_moe_plans_count_the_routed_rows_not_the_worst_case_buffer():
   """Dropless MoE with expert parallelism: each chip's grouped-matmul buffer holds every chip's rows
   (the worst case) and the kernel's cost estimate, which XLA adds up, is sized by it. The plan

@@ -53,6 +53,11 @@ def out_of_memory_bytes(message: str) -> float | None:
   return float(match.group(1) or match.group(2)) * GiB if match else None
 
 
+# A step's compiled FLOPs against the model's: at least ~1 (0.98-0.99 measured without remat, more
+# with its recompute); below this the cost analysis missed part of the step.
+UNDERCOUNT = 0.95
+
+
 # The lowered module's functions, the calls in each, and the cost estimates Pallas TPU kernels
 # carry in their backend config (which XLA's cost analysis adds up as they say).
 _FUNCTION = re.compile(r"^  func\.func (?:public |private )?@([\w.$-]+)\(", re.M)
@@ -241,6 +246,12 @@ def plan(config, devices, chip: Chip, label: str, probe: bool = True, name: str 
   if overcount:
     notes.append(f"grouped-matmul rows never computed, not counted: {overcount:.3g} FLOPs per chip as compiled")
   flops = probe_flops(config, mesh, setup, raw["flops"] - overcount)
+  if flops * chips < UNDERCOUNT * model_flops:
+    # A step computes at least the model's FLOPs; fewer counted means the cost analysis missed part
+    # of it (seen with remat "proj_offload" on TPU), so neither its FLOPs nor its seconds are usable.
+    notes.append(f"XLA's cost analysis counts {flops * chips / model_flops:.2f}x the model FLOPs, less than the "
+                 f"step must compute: no step time or MFU estimate")
+    return dict(report, flops_per_step=None, estimated_step_s=None, estimated_mfu=None)
   if raw["seconds"] >= raw["flops"] / chip.peak_flops:  # the cost model's seconds per FLOP, for every FLOP
     # ... except the fused loss's left-out chunks: dense matmuls, at the chip's peak (an average
     # rate that counts norms and softmaxes would make them, and so the loss chunking, look slow).
