@@ -38,7 +38,7 @@ def test_moe_sizes_total_and_active_params(size):
   assert dense < active < 1.6 * dense and total > 10 * dense
 
 
-@pytest.mark.parametrize("impl", ["ragged", "capacity"])
+@pytest.mark.parametrize("impl", ["auto", "ragged", "capacity"])  # auto: "blocked" on CPU
 def test_tiny_moe_trains_with_expert_parallelism(impl):
   config = tiny_config("tiny_moe.py", **{"model.moe.impl": impl})
   config.train.steps, config.train.warmup_steps, config.train.lr = 40, 4, 1e-2
@@ -54,5 +54,5 @@ def test_tiny_moe_trains_with_expert_parallelism(impl):
   # short run under the balancing loss (not a strict bound: f and P may anticorrelate a little).
   assert 0.95 <= float(metrics["moe_lb_loss"]) < 1.5
   assert float(metrics["moe_z_loss"]) > 0
-  if impl == "ragged":
+  if impl != "capacity":
     assert float(metrics["dropped_tokens"]) == 0
