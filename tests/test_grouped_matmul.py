@@ -103,6 +103,25 @@ def test_tokamax_runs_under_a_script_with_its_own_arguments():
   assert result.returncode == 0, result.stderr[-3000:]
 
 
+class FakeHopper:
+  """What tokamax asks of the default device to pick its Hopper kernels (no GPU here)."""
+  platform, compute_capability, device_kind, core_count, id = "gpu", "9.0", "NVIDIA H100 80GB HBM3", 132, 0
+
+
+def test_tokamax_lowers_to_mosaic_gpu_kernels_for_a_hopper_gpu(monkeypatch):
+  # Lowered for CUDA on this CPU host, as a Hopper GPU would compile it: the product, the input
+  # gradient and the weight gradient (ragged contraction) each become a Mosaic GPU kernel, none
+  # falls back to XLA's ragged_dot.
+  from jax.extend import backend
+  monkeypatch.setattr(backend, "get_default_device", FakeHopper)
+  lhs, rhs = jax.ShapeDtypeStruct((1024, 256), jnp.bfloat16), jax.ShapeDtypeStruct((4, 256, 512), jnp.bfloat16)
+  loss = lambda a, b, s: jnp.sum(grouped_matmul(a, b, s, "tokamax", platform="gpu").astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, (0, 1))).trace(lhs, rhs, jax.ShapeDtypeStruct((4,), jnp.int32)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == 3
+  assert "chlo.ragged_dot" not in text  # (what jax.lax.ragged_dot lowers to)
+
+
 def test_block_layout_by_hand():
   # Groups of 10, 0, 30 and 20 rows of 70 (10 past them), blocks of 16: each group starts on a
   # block boundary (0, 16, 16, 48), its rows packed from there; rows past the groups are dropped.
