@@ -51,7 +51,7 @@ def test_each_kernel_matches_a_float64_loop(kernel, sizes):
 
 
 def test_blocked_swiglu_matches_a_float64_loop():
-  # 300 rows: an empty expert, one spanning two blocks of 128 and ending mid-block, 30 rows past.
+  # 300 rows (blocks of 80): an empty expert, one spanning two blocks and ending mid-block, 30 rows past.
   rng = np.random.default_rng(1)
   sizes = np.array([0, 150, 20, 100], np.int32)
   xs = rng.standard_normal((300, 16)).astype(np.float32)
@@ -120,6 +120,12 @@ def test_tokamax_lowers_to_mosaic_gpu_kernels_for_a_hopper_gpu(monkeypatch):
       lowering_platforms=("cuda",)).as_text()
   assert text.count("custom_call @mosaic_gpu") == 3
   assert "chlo.ragged_dot" not in text  # (what jax.lax.ragged_dot lowers to)
+
+
+def test_block_rows_shrink_with_the_rows_per_group():
+  assert gmm_lib.block_rows(8192, 8) == 128  # training: full blocks
+  assert gmm_lib.block_rows(300, 4) == 80  # 75 rows a group on average, rounded up to 8
+  assert gmm_lib.block_rows(4, 64) == 8  # a decoding step: the smallest block
 
 
 def test_block_layout_by_hand():

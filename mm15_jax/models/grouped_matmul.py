@@ -7,7 +7,7 @@ Rows [start_g, start_g + sizes[g]) use rhs[g]; rows past sum(sizes) come out zer
   "ragged"    jax.lax.ragged_dot, which lowers on every backend
   "megablox"  the Pallas grouped matmul (megablox) that ships with JAX: a TPU kernel, tiled for
               the shapes here; elsewhere it runs in Pallas' interpret mode (slow: for tests)
-  "blocked"   XLA on any backend: each group's rows laid out in whole blocks of BLOCK_ROWS rows
+  "blocked"   XLA on any backend: each group's rows laid out in whole blocks of `block_rows` rows
               (zeros between groups), one [BLOCK_ROWS, K] x [K, N] product per block in a loop,
               the weights' gradient summed in place per group; the FLOPs of the rows plus at
               most a block per group. CPU's choice (4.5x ragged_dot's speed there)
@@ -82,7 +82,7 @@ def grouped_matmul(lhs, rhs, sizes, kernel: str = modes.MoeImpl.RAGGED, platform
   if kernel == modes.MoeImpl.TOKAMAX:
     return _tokamax(lhs, rhs, sizes)
   if kernel == modes.MoeImpl.BLOCKED:
-    return blocked_matmul(lhs, rhs, sizes, BLOCK_ROWS)
+    return blocked_matmul(lhs, rhs, sizes, block_rows(lhs.shape[0], rhs.shape[0]))
   if kernel != modes.MoeImpl.MEGABLOX:
     raise ValueError(f"grouped_matmul: kernel {kernel!r} is not one of ('ragged', 'megablox', 'blocked', 'tokamax')")
   (m, k), n = lhs.shape, rhs.shape[2]
@@ -123,6 +123,12 @@ def _tokamax(lhs, rhs, sizes):
 # ---------------------------------------------------------------- blocked: a loop of plain matmuls
 
 BLOCK_ROWS = 128  # CPU, [8192 rows, 256] x [8 groups, 256, 512], forward + backward: 128, 256, 512 within 15%
+
+
+def block_rows(m: int, groups: int) -> int:
+  """BLOCK_ROWS, or fewer (a multiple of 8) when the groups average fewer rows: decoding's few
+  rows a step would otherwise fill whole blocks of padding."""
+  return min(BLOCK_ROWS, max(8, -(-m // groups // 8) * 8))
 
 
 def block_layout(sizes, m: int, block: int):
@@ -212,7 +218,7 @@ def blocked_swiglu(xs, sizes, gate, up, down):
 
 def _swiglu_forward(xs, sizes, gate, up, down):
   xs, gate, up, down = (jnp.asarray(a) for a in (xs, gate, up, down))
-  block = BLOCK_ROWS
+  block = block_rows(xs.shape[0], gate.shape[0])
   dest, block_group, used = block_layout(sizes, xs.shape[0], block)
   blocks = _to_blocks(xs, dest, block_group.shape[0], block)
   d = down.shape[2]
