@@ -8,7 +8,7 @@ Rows [start_g, start_g + sizes[g]) use rhs[g]; rows past sum(sizes) come out zer
   "megablox"  the Pallas grouped matmul (megablox) that ships with JAX: a TPU kernel, tiled for
               the shapes here; elsewhere it runs in Pallas' interpret mode (slow: for tests)
   "blocked"   XLA on any backend: each group's rows laid out in whole blocks of `block_rows` rows
-              (zeros between groups), one [BLOCK_ROWS, K] x [K, N] product per block in a loop,
+              (zeros between groups), one [block, K] x [K, N] product per block in a loop,
               the weights' gradient summed in place per group; the FLOPs of the rows plus at
               most a block per group. CPU's choice (4.5x ragged_dot's speed there)
   "tokamax"   `tokamax.ragged_dot` (the `gpu` extra): Mosaic GPU kernels on Hopper and Blackwell
@@ -184,11 +184,11 @@ def _blocked_forward(lhs, rhs, sizes, block):
   dest, block_group, used = block_layout(sizes, lhs.shape[0], block)
   blocks = _to_blocks(lhs, dest, block_group.shape[0], block)
   out = _from_blocks(_each_block(blocks, rhs, block_group, used), dest)
-  return out, (blocks, rhs, sizes, dest, block_group, used)
+  return out, (blocks, rhs, dest, block_group, used)
 
 
 def _blocked_backward(block, residuals, d_out):
-  blocks, rhs, sizes, dest, block_group, used = residuals
+  blocks, rhs, dest, block_group, used = residuals
   d_blocks = _to_blocks(d_out.astype(blocks.dtype), dest, blocks.shape[0], block)
   d_lhs = _from_blocks(_each_block(d_blocks, rhs, block_group, used, transpose=True), dest).astype(blocks.dtype)
 
