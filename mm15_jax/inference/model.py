@@ -5,9 +5,10 @@
   answer.text, answer.boxes   # boxes in pixels of `image`
 
 Params are placed with the training shardings on the mesh of `config.mesh` (all visible
-devices; one CPU is a 1-device mesh). MoE layers run dropless at inference whatever
-`moe.impl` trained them: a "capacity" run answers with "auto" (the backend's dropless kernel);
-capacity dropping is a training-throughput device, and the parameters are the same.
+devices; one CPU is a 1-device mesh). MoE layers run "auto" at inference, dropless with the
+backend's kernel, whatever `moe.impl` trained them (a TPU run's megablox would be Pallas'
+interpreter on a CPU): capacity dropping is a training-throughput device, and the parameters
+are the same.
 
 Several processes (jax.distributed): the mesh spans all of them, and every process makes the
 same calls with the same prompts; each builds the global batch from its own copy of them and
@@ -55,8 +56,8 @@ def _inference_config(config, checkpoint_dir=None):
   elif isinstance(config, str):
     config = configs.load_experiment(config)
   config = config.copy_and_resolve_references()
-  if config.model.moe.num_experts and modes.parse(modes.MoeImpl, config.model.moe.impl) == modes.MoeImpl.CAPACITY:
-    config.model.moe.impl = modes.MoeImpl.AUTO.value  # dropless (module docstring)
+  if config.model.moe.num_experts:
+    config.model.moe.impl = modes.MoeImpl.AUTO.value  # dropless, this backend's kernel (module docstring)
   return config
 
 
