@@ -14,6 +14,7 @@ from tiny_setup import ROOT, setup_on, tiny_config
 from data_pipelines import anyres, coordinates
 from mm15_jax import checkpoint as ckpt_lib
 from mm15_jax.inference import Model, grounding, load_model, render
+from mm15_jax.inference import model as model_lib
 from mm15_jax.inference.render import COLORS
 from mm15_jax.inference.sampling import sample
 from mm15_jax.train.loop import train_and_evaluate
@@ -49,6 +50,13 @@ def recomputed_greedy(model, prompt, imgs, steps):
       break
     ids.append(int(np.argmax(logits)))
   return ids[n:], np.stack(rows)
+
+
+@pytest.mark.parametrize("trained_with", ["capacity", "megablox", "ragged"])
+def test_moe_answers_dropless_with_the_backends_kernel(trained_with):
+  # A capacity run must not drop at inference; a TPU run's megablox would be interpreted here.
+  config = tiny_config("tiny_moe.py", **{"model.moe.impl": trained_with})
+  assert model_lib._inference_config(config).model.moe.impl == "auto"  # blocked on this CPU
 
 
 @pytest.mark.parametrize("which", ["dense", "moe"])
