@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = {"mm15_jax", "data_pipelines"}
 # Imported only by the code that needs them (README, "Quick start"), each named by its extra.
 OPTIONAL = {"pyarrow": "parquet", "tensorflow_datasets": "tfds", "gcsfs": "gcp", "google": "gcp",
-            "wandb": "wandb", "libtpu": "test", "torch": "test", "transformers": "test"}
+            "wandb": "wandb", "libtpu": "test", "torch": "test", "transformers": "test", "tokamax": "gpu"}
 
 
 def _imported_top_level_modules() -> set[str]:
