@@ -11,6 +11,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import flags
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
@@ -75,3 +76,32 @@ def from_main(value: int) -> int:
 def is_main() -> bool:
   """Process 0: the one that writes reports and prints results."""
   return jax.process_index() == 0
+
+
+# How long a process waits for the others to compile a program before its first run.
+COMPILE_BARRIER_TIMEOUT_S = 3600
+
+
+class CompiledTogether:
+  """A jitted function whose first call compiles it on this process, then waits (the
+  coordination service's barrier, no collective) until every process has compiled it too.
+
+  On CPU, jax's cross-process collectives (gloo) give up when the processes reach a new group
+  of devices more than 30 s apart, and on a busy host one process can compile a train step that
+  much later than another: the faster one's first step then fails ("Gloo context initialization
+  failed"). Compiled on both first, the processes start the program together. With one process,
+  the function itself."""
+
+  _barriers = 0  # each barrier's key is new (processes build these in the same order)
+
+  def __init__(self, jitted, name: str):
+    self.jitted, self.name, self.waited = jitted, name, jax.process_count() == 1
+
+  def __call__(self, *args):
+    if not self.waited:
+      self.jitted.lower(*args).compile()  # the jit's cache keeps it: the call below reuses it
+      CompiledTogether._barriers += 1
+      key = f"mm15 compiled {self.name} {CompiledTogether._barriers}"
+      ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=COMPILE_BARRIER_TIMEOUT_S * 1000)
+      self.waited = True
+    return self.jitted(*args)

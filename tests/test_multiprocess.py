@@ -69,13 +69,17 @@ def wait_for_train_row(proc, workdir, timeout=600):
   raise TimeoutError("no training step logged")
 
 
-def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
+def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, monkeypatch):
   """2 processes x 4 devices == 1 process x 8 devices fed the same global batches.
 
   Each process reads every 2nd record and packs its own rows, so the global batch of a
   2-process run is not the 1-process run's batch; the reference therefore concatenates the
   two processes' local batches itself and steps them on 8 devices in this process.
+
+  Process 1 starts its first step 35 s after process 0, as a slower compile on a busy host does:
+  CPU collectives (gloo) give up on a peer more than 30 s late, so the step must wait for it.
   """
+  monkeypatch.setenv("MM15_LATE_PROCESS", "1:35")
   rc, out = finish(local_sh(2, f"--workdir={tmp_path}", "--config.train.steps=3", "--config.checkpoint.every=3",
                             "--config.eval.generate_per_task=1"))  # and ends with generation
   assert rc == 0, out[-3000:]

@@ -28,7 +28,7 @@ def cases() -> list[str]:
       args = ["", "tiny"]
     elif name == "mm15_video.py":
       args = ["", "sft", "tiny", "tiny,sft"]
-    elif name == "tiny.py":
+    elif name in ("tiny.py", "tiny_moe.py"):
       args = ["", *configs.STAGES]
     elif name == "tiny_spatial.py":
       args = ["", "encoder", "sft"]

@@ -34,10 +34,15 @@ from mm15_jax.train.step_timing import StepTimer
 
 
 def _stall_before_first_step() -> None:
-  """Test hook: MM15_STALL_BEFORE_FIRST_STEP=1 hangs the run before its first step, as a stalled
+  """Test hooks: MM15_STALL_BEFORE_FIRST_STEP=1 hangs the run before its first step, as a stalled
   input or a compile would (only a SIGTERM's grace period ends it)."""
   while os.environ.get("MM15_STALL_BEFORE_FIRST_STEP") == "1":
     time.sleep(0.1)
+  # MM15_LATE_PROCESS=P:S: process P starts its first step S seconds after the others, as a
+  # process that compiles slower on a busy host would.
+  late, _, seconds = os.environ.get("MM15_LATE_PROCESS", "").partition(":")
+  if late and int(late) == jax.process_index():
+    time.sleep(float(seconds))
 
 
 def _nan_injection_step() -> int:
@@ -118,9 +123,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     for note in handoff_notes:
       writer.message(note)
 
-    train_fn = step_lib.jit_train_step(setup)
+    # Each process compiles a step before any runs it (distributed.CompiledTogether).
+    train_fn = distributed.CompiledTogether(step_lib.jit_train_step(setup), "train step")
     held_out = in_training_eval.HeldOutEval(
-        step_lib.jit_eval_step(setup), put,
+        distributed.CompiledTogether(step_lib.jit_eval_step(setup), "eval step"), put,
         pipeline_lib.make_eval_batches_per_source(
             config, tokenizer, config.eval.batches, process_index=p_idx, process_count=n_proc))
     generation = None
