@@ -1,7 +1,7 @@
 """Tiny MoE for CPU: the tiny model with 4 experts (top-2) in every other decoder layer.
 
-  python -m mm15_jax.train --config=experiments/tiny_moe.py --workdir=/tmp/mm15_tiny_moe          # the quick start
-  python -m mm15_jax.tools.recipe --config=experiments/tiny_moe.py --workdir=/tmp/mm15_moe_recipe  # pretrain -> cpt -> sft
+  python -m mm15_jax.train --config=experiments/tiny_moe.py --workdir=/tmp/mm15_tiny_moe   # the quick start
+  python -m mm15_jax.tools.recipe --config=experiments/tiny_moe.py --workdir=/tmp/mm15_moe_recipe  # 3 stages
 
 Every argument of experiments/tiny.py works here (no argument: the quick start; `:pretrain`,
 `:cpt`, `:sft`: its three-stage recipe), with the experts added to each.
