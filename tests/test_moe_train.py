@@ -1,13 +1,22 @@
 """MoE end to end: parameter counts of the paper's MoE sizes, training with expert parallelism."""
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
+import numpy as np
 import pytest
+from gcs_emulator import running
 from tiny_setup import ROOT, setup_on, tiny_config, train_on_fixed_batch
 
-from mm15_jax import configs
+from data_pipelines import storage
+from mm15_jax import checkpoint as ckpt_lib
+from mm15_jax import configs, run_record
+from mm15_jax.models.mm15 import position_grids
 from mm15_jax.tools import summary as summary_lib
+from mm15_jax.train import optimizer as opt_lib
 
 
 def hand_count_moe_llm(size):
@@ -56,3 +65,40 @@ def test_tiny_moe_trains_with_expert_parallelism(impl):
   assert float(metrics["moe_z_loss"]) > 0
   if impl != "capacity":
     assert float(metrics["dropped_tokens"]) == 0
+
+
+def test_moe_stages_hand_over_on_two_processes_in_a_bucket(tmp_path):
+  """The MoE recipe as users run it: experiments/tiny_moe.py's pretrain (32 px) then cpt (48 px,
+  AnyRes) by `mm15_jax.tools.recipe --processes=2`, experts split over both processes
+  (expert=4, data=2), the workdir in a bucket (the GCS emulator). cpt's first update has
+  learning rate 0 (warmup), so its step-1 checkpoint holds what it was handed: one process
+  reading pretrain's last checkpoint with the grids resized must find the same values."""
+  trainer = ["--config.train.steps=2", "--config.checkpoint.every=1", "--config.train.batch_size=8",
+             "--config.data.num_examples=256", "--config.data.prefetch=1", "--config.eval.batches=1",
+             "--config.eval.generate_per_task=0", "--config.log_every=1", "--config.mesh.expert=4",
+             "--config.mesh.data=2", "--config.mesh.fsdp=1"]
+  with running("mm15-moe", str(tmp_path)) as bucket:
+    workdir = f"{bucket}/moe"
+    env = {**os.environ, "PYTHON": sys.executable, "MM15_LOCAL_DEVICES": "8"}  # with the emulator's
+    env.pop("XLA_FLAGS", None)  # local.sh gives each process its share
+    out = subprocess.run([sys.executable, "-m", "mm15_jax.tools.recipe", "--config=experiments/tiny_moe.py",
+                          f"--workdir={workdir}", "--processes=2", "--stages=pretrain,cpt", "--", *trainer],
+                         cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "position grid resized 4x4 -> 6x6" in log and f"params from {workdir}/pretrain" in log
+    for stage in ("pretrain", "cpt"):
+      rows = [json.loads(line) for line in storage.read_text(f"{workdir}/{stage}/metrics.jsonl").splitlines()]
+      train = [r for r in rows if "kind" not in r]
+      assert [r["step"] for r in train] == [1, 2] and all(r["dropped_tokens"] == 0 for r in train)
+    cpt = run_record.load_config(f"{workdir}/cpt")
+    assert cpt.model.moe.num_experts == 4 and cpt.model.vit.image_size == 48 and cpt.data.anyres.enabled
+    assert float(opt_lib.learning_rate_schedule(cpt.train)(0)) == 0.0
+    setup = setup_on(cpt, dict(cpt.mesh))  # the run's mesh (data 2, expert 4), on one process
+    abstract = setup.abstract_state["params"]
+    want = jax.device_get(ckpt_lib.load_params(f"{workdir}/pretrain", abstract, grids=position_grids(cpt.model)))
+    got = jax.device_get(ckpt_lib.load_params(f"{workdir}/cpt/checkpoints/1", abstract))
+  assert got["llm"]["layers"]["sparse"]["moe"]["gate"].shape[1] == 4  # the experts, stacked per layer
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
