@@ -1,6 +1,8 @@
 """MM1.5-1B-MoE: 64 experts, top-2, MoE in every other decoder layer; stages as the dense 1B.
 
   python -m mm15_jax.train --config=experiments/mm15_1b_moe.py:pretrain --workdir=DIR
+  python -m mm15_jax.train --config=experiments/mm15_1b_moe.py:cpt --workdir=DIR2 --config.init.from_checkpoint=DIR
+  python -m mm15_jax.train --config=experiments/mm15_1b_moe.py:sft --workdir=DIR3 --config.init.from_checkpoint=DIR2
   python -m mm15_jax.plan --config=experiments/mm15_1b_moe.py   # memory and step time on c.topology
 """
 
