@@ -268,6 +268,10 @@ def test_best_remat_is_the_fastest_that_fits_and_names_its_slice():
   assert report_lib.hardware_rule(row("full", 50.0, 0.3, topology="8 GPUs", chips=8)) == ""
   table = report_lib.format_sweep(rows)
   assert 'a on v5p:4x4x4: proj  hardware_rules: (r"^v5p-128$", {"model.remat": "proj"})' in table
+  # A config name longer than the column still has a space before the remat.
+  long_name = "experiments/mm15_1b_moe.py:cpt"
+  lines = report_lib.format_sweep([row("full", 88.1, 0.381, config=long_name)]).splitlines()
+  assert lines[1].split()[:2] == [long_name, "full"] and lines[0].index("remat") == lines[1].index("full")
 
 
 def test_sweep_sizes_are_sibling_experiments_with_the_same_overrides():

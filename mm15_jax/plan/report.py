@@ -57,10 +57,11 @@ def smallest_fitting(reports: list[dict]) -> dict:
 
 
 def format_sweep(reports: list[dict]) -> str:
-  lines = [f"{'config':<28}{'remat':<14}{'topology':<14}{'chips':>6}{'GiB/chip':>10}{'HBM':>6}  fits"
+  width = max([28, *(len(r["config"]) + 2 for r in reports)])  # a long FILE:stage keeps its column
+  lines = [f"{'config':<{width}}{'remat':<14}{'topology':<14}{'chips':>6}{'GiB/chip':>10}{'HBM':>6}  fits"
            f"{'step s':>9}{'MFU<=':>8}"]
   for r in reports:
-    head = f"{r['config']:<28}{r['remat']:<14}{r['topology']:<14}"
+    head = f"{r['config']:<{width}}{r['remat']:<14}{r['topology']:<14}"
     if "error" in r:
       lines.append(f"{head}{'':>6}  error: {r['error'].splitlines()[0][:200]}")
       continue
